@@ -1,0 +1,37 @@
+# storypipe — set-up, tests and the main entry points.
+# `make install` then `make test` is all a fresh machine needs.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+# nltk looks in $(sys.prefix)/nltk_data, so WordNet installed there needs no environment variable.
+NLTK_DATA_DIR := $(VENV)/nltk_data
+
+.PHONY: install test lint wordnet clean
+
+install: $(VENV)/.installed wordnet
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first: the pinned CPU wheel on dev machines; a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+# METEOR needs WordNet offline; it comes from Debian's wordnet-base (see scripts/install-wordnet.sh).
+wordnet: $(NLTK_DATA_DIR)/corpora/wordnet/lexnames
+
+$(NLTK_DATA_DIR)/corpora/wordnet/lexnames: scripts/install-wordnet.sh
+	bash scripts/install-wordnet.sh $(NLTK_DATA_DIR)/corpora/wordnet
+
+test:
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Evaluation: the metric tables of both source papers, and their baselines."""

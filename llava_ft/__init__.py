@@ -1,0 +1,1 @@
+"""LLaVA captioners: LoRA finetuning (story / description adapters) and inference on one shared base."""

@@ -1,0 +1,50 @@
+"""Atomic file writes: a crash never leaves a half-written file behind.
+
+Every writer goes to a temporary file in the same folder, then ``os.replace`` swaps it in, which is
+atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    """Deterministic JSON (stable key order as given, 2-space indent, UTF-8, trailing newline)."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_save_image(path: str | Path, image: Image.Image, **save_kwargs: Any) -> Path:
+    """Save a PIL image atomically; the format follows ``path``'s extension."""
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())
+    return atomic_write(path, lambda handle: image.save(handle, format=image_format, **save_kwargs))

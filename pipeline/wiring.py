@@ -1,0 +1,40 @@
+"""The one place where the stages meet.
+
+``llava_ft``, ``storygen_ft`` and ``eval`` import ``pipeline`` and never each other; only this module
+(and the CLI through it) imports all of them. Here the root config is composed from the section each
+stage owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.config import EvalConfig
+from llava_ft.config import CaptionerConfig
+from pipeline.config import DEFAULT_PRESET, DataConfig, ToyDataConfig, load_config, preset_path
+from pipeline.errors import ConfigError
+from storygen_ft.config import GeneratorConfig
+
+
+@dataclass
+class StorypipeConfig:
+    """The whole config tree; ``configs/*.yaml`` mirror it section by section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> StorypipeConfig:
+    """``--config FILE`` or ``--preset NAME`` (default: the ``vist`` preset), then ``--set`` overrides in order."""
+    if config_file is not None and preset is not None:
+        raise ConfigError("give either --config FILE or --preset NAME, not both")
+    path = Path(config_file) if config_file is not None else preset_path(preset or DEFAULT_PRESET)
+    return load_config(StorypipeConfig, path, overrides)

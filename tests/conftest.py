@@ -1,0 +1,6 @@
+"""Shared test set-up: everything runs offline, so an accidental hub download fails loudly."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
