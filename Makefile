@@ -35,3 +35,7 @@ lint:
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache
+
+.PHONY: bench
+bench:
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_vist_load.py

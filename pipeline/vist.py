@@ -73,8 +73,12 @@ class VistFrame:
     photo_id: str
     story_caption: str  # SIS original_text
     description: str  # DII original_text (the longest, when a photo has several)
-    image_path: Path
+    image_file: str  # path of the image file; a str, since 200k pathlib.Paths dominate load time
     labels: dict[str, Any] | None = None  # ground truth when the dataset has it (ShapeStories)
+
+    @property
+    def image_path(self) -> Path:
+        return Path(self.image_file)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class VistStory:
 
     def load_images(self) -> list[Image.Image]:
         """Decode every frame's image as RGB; raises ``ImageDecodeError`` naming the bad file."""
-        return [load_rgb(frame.image_path) for frame in self.frames]
+        return [load_rgb(frame.image_file) for frame in self.frames]
 
 
 @dataclass
@@ -224,7 +228,7 @@ def load_vist_split(root: str | Path, split: str, story_length: int = 5) -> Vist
                 photo_id=(photo_id := str(a["photo_flickr_id"])),
                 story_caption=str(a["original_text"]).strip(),
                 description=descriptions[photo_id],
-                image_path=image_files[photo_id],
+                image_file=image_files[photo_id],
                 labels=labels.get(photo_id),
             )
             for a in annotations
@@ -243,7 +247,7 @@ def load_vist_split(root: str | Path, split: str, story_length: int = 5) -> Vist
 
 
 def _structural_drop_reason(
-    annotations: list[dict], story_length: int, descriptions: dict[str, str], image_files: dict[str, Path]
+    annotations: list[dict], story_length: int, descriptions: dict[str, str], image_files: dict[str, str]
 ) -> str | None:
     if len(annotations) != story_length:
         return WRONG_LENGTH
@@ -264,12 +268,12 @@ def story_sort_key(story_id: str) -> tuple[int, int, str]:
     return (0, int(story_id), "") if story_id.isdigit() else (1, 0, story_id)
 
 
-def _index_images(folder: Path) -> dict[str, Path]:
+def _index_images(folder: Path) -> dict[str, str]:
     """Map photo id (file stem) -> path with one directory listing; hidden and temp files are ignored."""
-    index: dict[str, Path] = {}
+    index: dict[str, str] = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_file() and not entry.name.startswith("."):
-            index.setdefault(Path(entry.name).stem, Path(entry.path))
+            index.setdefault(os.path.splitext(entry.name)[0], entry.path)
     return index
 
 
