@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Installs WordNet 3.0 for nltk (METEOR's synonym matching) without network access to nltk's servers:
-# the database comes from Debian's `wordnet-base` package, and nltk's reader also needs a `lexnames`
-# file, which Debian does not ship; its fixed content (the 45 lexicographer files of WordNet 3.0) is written here.
+# the database comes from Debian's `wordnet-base` and `wordnet-sense-index` packages (nltk's reader needs
+# index.sense too), and nltk also needs a `lexnames` file, which Debian does not ship; its fixed content
+# (the 45 lexicographer files of WordNet 3.0) is written here.
 set -euo pipefail
 target="${1:?usage: install-wordnet.sh TARGET_DIR (e.g. .venv/nltk_data/corpora/wordnet)}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 cd "$work"
-if ! apt-get download wordnet-base >/dev/null 2>&1; then
+packages=(wordnet-base wordnet-sense-index)
+if ! apt-get download "${packages[@]}" >/dev/null 2>&1; then
   # A fresh machine may have no package lists yet.
   apt-get update >/dev/null 2>&1 || true
-  apt-get download wordnet-base >/dev/null 2>&1 || {
-    echo "error: could not fetch Debian's wordnet-base package with apt-get." >&2
+  apt-get download "${packages[@]}" >/dev/null 2>&1 || {
+    echo "error: could not fetch Debian's ${packages[*]} packages with apt-get." >&2
     echo "  METEOR needs WordNet. On a machine with network access to nltk's data server, run:" >&2
     echo "  .venv/bin/python -m nltk.downloader -d .venv/nltk_data wordnet" >&2
     exit 1
   }
 fi
-dpkg-deb -x wordnet-base_*.deb root
+for deb in *.deb; do dpkg-deb -x "$deb" root; done
 cd - >/dev/null
 
 mkdir -p "$target"
