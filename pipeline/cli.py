@@ -167,6 +167,12 @@ def prepare_llava_command(
     console.print(f"Dropped stories: {dropped}" + ("" if dropped else " (none)"))
     for line in report.drop_lines:
         console.print(f"  {line}", highlight=False)
+    if report.usable_stories == 0:
+        err_console.print(
+            f"[bold yellow]warning:[/bold yellow] no usable stories in split {split!r} of {vist_dir}; "
+            "the sample files are empty. See the drop reasons above.",
+            highlight=False,
+        )
 
 
 def main() -> None:

@@ -135,3 +135,14 @@ def test_cli_missing_vist_folder_is_a_clear_error(tmp_path):
     assert result.exit_code == 2
     assert "train.story-in-sequence.json does not exist" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_warns_when_no_story_is_usable(vist_root, tmp_path):
+    result = runner.invoke(app, [
+        "prepare-llava", "--vist-dir", str(vist_root), "--split", SPLIT, "--out", str(tmp_path / "o"),
+        "--set", "data.story_length=6",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Usable stories: 0" in result.output and "no usable stories in split 'train'" in result.output
+    assert "6 stories wrong_length: does not have exactly 6 sentences" in result.output
+    assert json.loads((tmp_path / "o" / "story_next.json").read_text()) == []
