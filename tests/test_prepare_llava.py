@@ -144,5 +144,5 @@ def test_cli_warns_when_no_story_is_usable(vist_root, tmp_path):
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Usable stories: 0" in result.output and "no usable stories in split 'train'" in result.output
-    assert "6 stories wrong_length: does not have exactly 6 sentences" in result.output
+    assert "7 stories wrong_length: does not have exactly 6 sentences" in result.output
     assert json.loads((tmp_path / "o" / "story_next.json").read_text()) == []
