@@ -1,10 +1,95 @@
-"""Config section ``captioner``: the LLaVA base, its two LoRA adapters, and sampling."""
+"""Config section ``captioner``: the LLaVA base, its two LoRA adapters, training and sampling."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
+
+TASKS = ("story", "description")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # A regex over module names (peft matches it in full): the language model's linear layers only.
+    # A plain list like ["q_proj", "v_proj"] would also hit the CLIP vision tower.
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError("captioner.lora.r and captioner.lora.alpha must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"captioner.lora.dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.target_modules)
+        except re.error as exc:
+            raise ConfigError(f"captioner.lora.target_modules is not a valid regex: {exc}") from None
+
+
+@dataclass
+class CaptionerTrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4  # per device, per micro-batch
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # used on CUDA only; the CPU trains in fp32
+    checkpoint_every: int = 200  # optimizer steps; a killed run loses at most this many
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    eval_fraction: float = 0.02  # held-out slice of the samples, for the eval loss
+    max_eval_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "eval_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"captioner.train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"captioner.train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"captioner.train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"captioner.train.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(
+                f"captioner.train.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ConfigError("captioner.train.keep_checkpoints must be >= 1")
+
+
+@dataclass
+class TinyLlavaSettings:
+    """Sizes of a tiny LLaVA (tiny CLIP tower + tiny Llama) built offline when ``base_model`` is missing."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    attention_heads: int = 4
+    vocab_size: int = 512  # byte-level BPE trained on the prompts and the ShapeStories vocabulary
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError("captioner.tiny.image_size must be a multiple of captioner.tiny.patch_size")
+        if self.text_hidden_size % self.attention_heads or self.vision_hidden_size % self.attention_heads:
+            raise ConfigError("captioner.tiny hidden sizes must be multiples of attention_heads")
+        if self.vocab_size < 300:
+            raise ConfigError(
+                "captioner.tiny.vocab_size must be >= 300 (256 bytes + special tokens + merges)"
+            )
 
 
 @dataclass
@@ -14,13 +99,18 @@ class CaptionerConfig:
     # PEFT adapter folders (written by `storypipe finetune-llava`); None answers zero-shot with the base.
     story_adapter: str | None = None
     description_adapter: str | None = None
-    # QLoRA: a 4-bit nf4 base with bf16 compute, so training fits one 24 GB GPU. Used on CUDA only.
+    # QLoRA: a 4-bit nf4 base with bf16 compute, so training fits one 24 GB GPU. Training uses it on
+    # CUDA only; inference may use it anywhere bitsandbytes runs.
     load_in_4bit: bool = True
     gradient_checkpointing: bool = True
     # Sampling; the source paper's best temperature was 0.2.
     temperature: float = 0.2
     top_p: float = 0.9
     max_new_tokens: int = 48
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: CaptionerTrainConfig = field(default_factory=CaptionerTrainConfig)
+    # When set and `base_model` is a folder that does not exist yet, a tiny LLaVA is built there.
+    tiny: TinyLlavaSettings | None = None
 
     def __post_init__(self) -> None:
         if not self.base_model:
@@ -31,3 +121,8 @@ class CaptionerConfig:
             raise ConfigError(f"captioner.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"captioner.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def adapter_for(self, task: str) -> str | None:
+        if task not in TASKS:
+            raise ValueError(f"unknown captioner task {task!r}; expected one of {TASKS}")
+        return self.story_adapter if task == "story" else self.description_adapter

@@ -4,3 +4,20 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402  (the environment must be set before any Hugging Face import)
+
+from llava_ft.config import TinyLlavaSettings  # noqa: E402
+from llava_ft.model import build_tiny_llava  # noqa: E402
+from tests.llava_fixtures import write_llava_samples  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny LLaVA saved as a normal model folder (built offline, loaded through from_pretrained)."""
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", TinyLlavaSettings())
+
+
+@pytest.fixture(scope="session")
+def llava_samples(tmp_path_factory):
+    return write_llava_samples(tmp_path_factory.mktemp("llava-data"))

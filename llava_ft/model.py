@@ -1,0 +1,207 @@
+"""Loading a LLaVA base and its processor, and building the llava-1.5 prompt, for training and inference alike.
+
+Every model goes through ``from_pretrained``, from a hub id or a local folder; tiny models are built
+into a folder first (``build_tiny_llava``) and then load the same way as the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip import CLIPImageProcessorPil
+
+from llava_ft.config import CaptionerConfig, TinyLlavaSettings
+from pipeline.errors import StorypipeError
+from pipeline.prompts import IMAGE_TOKEN, PromptTemplates
+
+# llava-1.5's conversation format ("USER: <image>\n{question} ASSISTANT: {answer}"), as llava-hf's
+# processors render it. Real checkpoints bring their own template; tiny ones get this one.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] if content['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+TINY_CORPUS_STORIES = 300  # ShapeStories stories whose captions train the tiny tokenizer
+
+
+def chat_prompt(processor: LlavaProcessor, question: str) -> str:
+    """The user turn with one image and ``question``, ending where the assistant's answer starts."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def resolve_base_model(cfg: CaptionerConfig) -> str:
+    """The base model's hub id or folder; a tiny one is built there first when ``cfg.tiny`` asks for it."""
+    if cfg.tiny is not None and not Path(cfg.base_model, "config.json").is_file():
+        build_tiny_llava(cfg.base_model, cfg.tiny)
+    return cfg.base_model
+
+
+def load_llava(
+    name_or_path: str | Path,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load a LLaVA model and its processor with ``from_pretrained``.
+
+    With ``load_in_4bit`` the language model is quantised to nf4 (QLoRA's base); the vision tower,
+    projector and LM head stay in ``dtype``.
+    """
+    quantization = None
+    if load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            # Patterns match from the start of a module name, so a leading ".*" finds the towers anywhere.
+            llm_int8_skip_modules=[r".*vision_tower", r".*multi_modal_projector", "lm_head"],
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": torch.device(device) if device is not None else "cpu"} if load_in_4bit else None,
+        )
+    except OSError as exc:
+        raise StorypipeError(
+            f"could not load the LLaVA base {str(name_or_path)!r}: {exc}\n"
+            "Give a local model folder or a hub id that is reachable (captioner.base_model), "
+            "or use --preset tiny to build a tiny base offline."
+        ) from exc
+    if device is not None and not load_in_4bit:
+        model.to(device)
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models (offline): a tiny CLIP vision tower + a tiny Llama + a byte-level BPE tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the prompt templates and ShapeStories' captions."""
+    from pipeline.shapestories import describe_frame, plan_story, story_captions
+
+    prompts = PromptTemplates.load()
+    rng = random.Random(0)
+    corpus = [prompts.story_next, prompts.description, LLAVA_15_CHAT_TEMPLATE, "USER: ASSISTANT:"]
+    for _ in range(TINY_CORPUS_STORIES):
+        frames = plan_story(rng)
+        corpus += story_captions(frames) + [describe_frame(frame) for frame in frames]
+    return corpus
+
+
+def build_tiny_tokenizer(vocab_size: int, corpus: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any text encodes, nothing is unknown) with ``<image>`` as a special token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS.values(), IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, extra_special_tokens={"image_token": IMAGE_TOKEN}, **SPECIAL_TOKENS
+    )
+
+
+def build_tiny_llava(
+    folder: str | Path, settings: TinyLlavaSettings, corpus: Iterable[str] | None = None
+) -> Path:
+    """Build a randomly initialised tiny LLaVA and its processor, and save them as a normal model folder.
+
+    The folder is written atomically (built in a temporary folder, then renamed), so a crash never
+    leaves a half-built model behind. It loads with ``load_llava(folder)`` like any real checkpoint.
+    """
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(settings.vocab_size, corpus if corpus is not None else tiny_corpus())
+    num_patches = (settings.image_size // settings.patch_size) ** 2
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": settings.image_size},
+        crop_size={"height": settings.image_size, "width": settings.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=settings.patch_size,
+        vision_feature_select_strategy="default",  # drops CLIP's class token...
+        num_additional_image_tokens=1,  # ...which the processor must know to count image tokens right
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=settings.vision_hidden_size,
+        intermediate_size=4 * settings.vision_hidden_size,
+        num_hidden_layers=settings.vision_layers,
+        num_attention_heads=settings.attention_heads,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.text_hidden_size,
+        intermediate_size=4 * settings.text_hidden_size,
+        num_hidden_layers=settings.text_layers,
+        num_attention_heads=settings.attention_heads,
+        num_key_value_heads=settings.attention_heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,313 @@
+"""LoRA-finetune LLaVA for one captioner task: ``train(run)``, top to bottom.
+
+Runs unchanged on one CPU, one GPU, or several GPUs under ``accelerate launch``:
+
+* each optimizer step takes a global batch of ``batch_size x gradient_accumulation_steps x processes``
+  samples from a seeded per-epoch permutation, and each process takes its slice of it;
+* on CUDA the base is 4-bit nf4 with bf16 compute (QLoRA); elsewhere it trains in fp32;
+* a checkpoint (adapter, optimizer, scheduler, step, RNG) is written every ``checkpoint_every`` steps,
+  atomically, and ``resume=True`` continues from the newest with the same data order.
+
+The output folder is a plain PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+plus ``config.yaml`` and ``train_log.jsonl`` (loss per step, eval loss on a held-out slice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from transformers import get_linear_schedule_with_warmup
+
+from llava_ft.config import TASKS, CaptionerConfig, LoraSettings
+from llava_ft.data import ConversationSample, collate, encode_sample, read_conversations
+from llava_ft.model import load_llava, resolve_base_model
+from pipeline.config import save_resolved_config
+from pipeline.errors import StorypipeError
+
+CHECKPOINTS_DIR = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class FinetuneRun:
+    """One finetuning job: which task, which data, where to write, and the config to record."""
+
+    captioner: CaptionerConfig
+    task: str
+    data_file: Path
+    images_dir: Path
+    out_dir: Path
+    resume: bool = False
+    resolved_config: Any = None  # the whole resolved storypipe config, written into the run
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise StorypipeError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self.data_file, self.images_dir, self.out_dir = (
+            Path(self.data_file),
+            Path(self.images_dir),
+            Path(self.out_dir),
+        )
+
+
+def train(run: FinetuneRun) -> Path:
+    cfg, tcfg = run.captioner, run.captioner.train
+
+    # 1. Devices and precision: QLoRA (4-bit base, bf16 compute) needs CUDA; the CPU trains in fp32.
+    on_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision if on_cuda else "no", cpu=not on_cuda)
+    quantize = cfg.load_in_4bit and on_cuda
+    torch.manual_seed(tcfg.seed)  # LoRA's initial A matrices and dropout masks draw from this stream
+    checkpoints = run.out_dir / CHECKPOINTS_DIR
+    if not run.resume and checkpoints.exists():
+        raise StorypipeError(
+            f"{run.out_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+    # 2. Data: check every sample up front, then hold out a slice for the eval loss.
+    samples = read_conversations(run.data_file, run.images_dir)
+    train_samples, eval_samples = split_held_out(samples, tcfg.eval_fraction, tcfg.max_eval_samples)
+    global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = math.ceil(len(train_samples) / global_batch)
+    total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+
+    # 3. Model: the base, optionally 4-bit, with LoRA on the language model's linear layers only.
+    model, processor = load_llava(
+        resolve_base_model(cfg),
+        load_in_4bit=quantize,
+        dtype=torch.bfloat16 if quantize else torch.float32,
+        device=accelerator.device,
+    )
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = add_lora(model, cfg.lora)
+    pad_token_id = processor.tokenizer.pad_token_id
+
+    # 4. Optimizer and schedule (stepped once per optimizer step, on every process alike).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # 5. Resume: adapter weights, optimizer, scheduler, step and RNG from the newest checkpoint.
+    start_step = 0
+    if run.resume:
+        start_step = load_checkpoint(checkpoints, accelerator, model, optimizer, scheduler)
+        truncate_log(run.out_dir / LOG_FILE, after_step=start_step)
+    if accelerator.is_main_process:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, run.out_dir)
+
+    # 6. The loop. Step s trains on batch s of the seeded order, whatever happened before it.
+    progress = Progress(
+        TextColumn(f"finetune-llava {run.task}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), disable=not accelerator.is_main_process,
+    )  # fmt: skip
+    with progress:
+        bar = progress.add_task("train", total=total_steps, completed=start_step, status="")
+        for step in range(start_step, total_steps):
+            model.train()
+            indices = global_batch_indices(step, len(train_samples), global_batch, tcfg.seed)
+            local = indices[accelerator.process_index :: accelerator.num_processes]
+            micro_batches = [local[i : i + tcfg.batch_size] for i in range(0, len(local), tcfg.batch_size)]
+            step_loss = 0.0
+            for micro, batch_indices in enumerate(micro_batches):
+                batch = batch_for(
+                    processor, [train_samples[i] for i in batch_indices], pad_token_id, accelerator.device
+                )
+                last_micro = micro == len(micro_batches) - 1
+                with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                    loss = model(**batch).loss / len(micro_batches)
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            record = {
+                "step": done,
+                "loss": accelerator.reduce(torch.as_tensor(step_loss), "mean").item(),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if done % tcfg.eval_every == 0 or done == total_steps:
+                record["eval_loss"] = evaluate(
+                    model, processor, eval_samples, tcfg.batch_size, pad_token_id, accelerator
+                )
+            if accelerator.is_main_process:
+                append_log(run.out_dir / LOG_FILE, record)
+            if done % tcfg.checkpoint_every == 0 and done < total_steps:
+                save_checkpoint(
+                    checkpoints, done, accelerator, model, optimizer, scheduler, tcfg.keep_checkpoints
+                )
+            progress.update(bar, completed=done, status=f"loss {record['loss']:.4f}")
+
+    # 7. Save the adapter as a plain PEFT folder and check it really holds the trained weights.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(run.out_dir)
+        verify_adapter(run.out_dir, accelerator.unwrap_model(model))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; the adapter supersedes them
+    accelerator.wait_for_everyone()
+    return run.out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the loop
+# --------------------------------------------------------------------------------------------
+
+
+def add_lora(model, settings: LoraSettings) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; only the adapter's parameters train."""
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def split_held_out(
+    samples: list[ConversationSample], fraction: float, max_samples: int
+) -> tuple[list[ConversationSample], list[ConversationSample]]:
+    """The last ``fraction`` of the samples (at most ``max_samples``, at least 1 when fraction > 0) is held out."""
+    held_out = min(max_samples, math.ceil(len(samples) * fraction)) if fraction > 0 else 0
+    if held_out >= len(samples):
+        held_out = 0  # too few samples to hold any out: evaluate on the training samples
+    train_samples = samples[: len(samples) - held_out]
+    return train_samples, samples[len(samples) - held_out :] or train_samples
+
+
+def global_batch_indices(step: int, num_samples: int, global_batch: int, seed: int) -> list[int]:
+    """Sample indices of optimizer step ``step``: a seeded permutation per epoch, wrapped to fill the last batch."""
+    steps_per_epoch = math.ceil(num_samples / global_batch)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    wrapped = order * math.ceil((position + 1) * global_batch / num_samples)
+    return wrapped[position * global_batch : (position + 1) * global_batch]
+
+
+def batch_for(processor, samples: list[ConversationSample], pad_token_id: int, device: torch.device) -> dict:
+    batch = collate([encode_sample(processor, sample) for sample in samples], pad_token_id)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model, processor, samples, batch_size: int, pad_token_id: int, accelerator: Accelerator
+) -> float:
+    """Mean loss over the held-out samples (each process takes its share, then the results are averaged)."""
+    model.eval()
+    local = samples[accelerator.process_index :: accelerator.num_processes]
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for start in range(0, len(local), batch_size):
+        chunk = local[start : start + batch_size]
+        total += model(**batch_for(processor, chunk, pad_token_id, accelerator.device)).loss * len(chunk)
+        count += len(chunk)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, after_step: int) -> None:
+    """Drop log lines of steps that the resumed run will redo."""
+    if path.is_file():
+        kept = [record for record in read_log(path) if record["step"] <= after_step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: only the trainable state (the adapter), never the frozen multi-GB base
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    folder: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler, keep: int
+) -> None:
+    target = folder / f"step_{step:08d}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+        save_file(get_peft_model_state_dict(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / "state.json").write_text(json.dumps({"step": step}))
+        os.replace(staging, target)  # atomic: a checkpoint folder is complete or absent
+        for old in sorted(folder.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    # Each process keeps its own RNG state (dropout masks differ per process).
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(rng, target / f"rng_{accelerator.process_index}.pt")
+
+
+def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    candidates = sorted(folder.glob("step_*"))
+    if not candidates:
+        raise StorypipeError(f"--resume: no checkpoint in {folder}; start the run without --resume")
+    latest = candidates[-1]
+    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(latest / ADAPTER_WEIGHTS)))
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+    rng_file = latest / f"rng_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((latest / "state.json").read_text())["step"]
+
+
+def verify_adapter(folder: Path, model) -> None:
+    """Guard against empty adapters (as DeepSpeed ZeRO-3 can save): every LoRA tensor must be there, whole."""
+    saved = load_file(str(folder / ADAPTER_WEIGHTS))
+    expected = get_peft_model_state_dict(model)
+    if len(saved) != len(expected) or any(
+        saved[k].shape != v.shape or saved[k].numel() == 0 for k, v in expected.items() if k in saved
+    ):
+        raise StorypipeError(
+            f"the adapter saved in {folder} is incomplete ({len(saved)} of {len(expected)} tensors)"
+        )
