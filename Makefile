@@ -8,7 +8,16 @@ PIP     := $(PY) -m pip
 # nltk looks in $(sys.prefix)/nltk_data, so WordNet installed there needs no environment variable.
 NLTK_DATA_DIR := $(VENV)/nltk_data
 
-.PHONY: install test lint wordnet clean
+.PHONY: install test lint wordnet clean finetune-llava
+
+# Training and evaluation entry points. Override on the command line, e.g.
+#   make finetune-llava LLAVA_DATA=data/llava-10k
+#   make finetune-llava STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m pipeline.cli"
+PRESET     ?= vist
+STORYPIPE  ?= $(VENV)/bin/storypipe
+LLAVA_DATA ?= data/llava
+RUNS       ?= runs
+RESUME     ?=
 
 install: $(VENV)/.installed wordnet
 
@@ -39,3 +48,11 @@ clean:
 .PHONY: bench
 bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_vist_load.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_captioners.py
+
+# Both captioner adapters, on the output of `storypipe prepare-llava --out $(LLAVA_DATA)`.
+finetune-llava:
+	$(STORYPIPE) finetune-llava --task story --data $(LLAVA_DATA)/story_next.json --images $(LLAVA_DATA)/images \
+		--out $(RUNS)/llava-story --preset $(PRESET) $(RESUME)
+	$(STORYPIPE) finetune-llava --task description --data $(LLAVA_DATA)/description.json --images $(LLAVA_DATA)/images \
+		--out $(RUNS)/llava-description --preset $(PRESET) $(RESUME)

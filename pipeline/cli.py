@@ -26,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pipeline import wiring
 from pipeline.config import config_to_dict, save_resolved_config
 from pipeline.errors import StorypipeError
 from pipeline.wiring import StorypipeConfig, resolve_config
@@ -173,6 +174,72 @@ def prepare_llava_command(
             "the sample files are empty. See the drop reasons above.",
             highlight=False,
         )
+
+
+@app.command("finetune-llava")
+@user_errors
+def finetune_llava_command(
+    task: Annotated[str, typer.Option(help="Which captioner: story or description.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="story_next.json or description.json from prepare-llava.")
+    ],
+    images: Annotated[Path, typer.Option("--images", help="The images folder the samples name.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Adapter folder (default: runs/llava-TASK).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
+    ] = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """LoRA-finetune the LLaVA base for one captioner task; writes a plain PEFT adapter folder."""
+    cfg = _config(config, preset, set_)
+    out = out or Path("runs") / f"llava-{task}"
+    started = time.perf_counter()
+    folder = wiring.finetune_llava(cfg, task, data, images, out, resume=resume)
+    console.print(
+        f"Adapter written to {folder} in {time.perf_counter() - started:.1f}s (log: {folder / 'train_log.jsonl'})"
+    )
+    console.print(f"Use it with: --set captioner.{task}_adapter={folder}")
+
+
+@app.command("caption")
+@user_errors
+def caption_command(
+    image: Annotated[Path, typer.Option("--image", help="The current frame's image.")],
+    caption: Annotated[str, typer.Option("--caption", help="The current frame's story caption.")],
+    next_caption: Annotated[
+        str | None,
+        typer.Option("--next-caption", help="The next story caption (default: the story captioner's)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (config captioner.temperature).")
+    ] = None,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Print the next story caption and the next frame's description for one image and caption."""
+    from pipeline.vist import load_rgb
+
+    if not caption.strip():
+        raise typer.BadParameter("the caption is empty", param_hint="--caption")
+    if not image.is_file():
+        raise typer.BadParameter(f"{image} does not exist", param_hint="--image")
+    picture = load_rgb(image)
+    cfg = _config(config, preset, set_, **{"captioner.temperature": temperature})
+    captioners = wiring.load_captioners(cfg)
+    for task in captioners.zero_shot_tasks:
+        console.print(f"[yellow]note:[/yellow] no {task} adapter configured (captioner.{task}_adapter): "
+                      f"the base model answers zero-shot. Train one with `make finetune-llava`.")  # fmt: skip
+    if next_caption is None:
+        next_caption = captioners.next_story_caption(picture, caption, seed=seed)
+        console.print(f"Next story caption: {next_caption}", highlight=False)
+    description = captioners.describe(picture, caption, next_caption, seed=seed)
+    console.print(f"Description of the next frame: {description}", highlight=False)
 
 
 def main() -> None:

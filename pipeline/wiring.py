@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eval.config import EvalConfig
 from llava_ft.config import CaptionerConfig
 from pipeline.config import DEFAULT_PRESET, DataConfig, ToyDataConfig, load_config, preset_path
 from pipeline.errors import ConfigError
 from storygen_ft.config import GeneratorConfig
+
+if TYPE_CHECKING:
+    from llava_ft.captioners import Captioners
 
 
 @dataclass
@@ -38,3 +42,29 @@ def resolve_config(
         raise ConfigError("give either --config FILE or --preset NAME, not both")
     path = Path(config_file) if config_file is not None else preset_path(preset or DEFAULT_PRESET)
     return load_config(StorypipeConfig, path, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage entry points used by the CLI (imported lazily: torch and transformers load only when needed)
+# --------------------------------------------------------------------------------------------
+
+
+def finetune_llava(
+    cfg: StorypipeConfig, task: str, data_file: Path, images_dir: Path, out_dir: Path, resume: bool = False
+) -> Path:
+    """Train one captioner adapter; the whole resolved config is recorded in the run."""
+    from llava_ft.train import FinetuneRun, train
+
+    return train(
+        FinetuneRun(cfg.captioner, task, data_file, images_dir, out_dir, resume=resume, resolved_config=cfg)
+    )
+
+
+def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captioners:
+    """Both captioners on one base, on ``device`` (default: CUDA when available)."""
+    import torch
+
+    from llava_ft.captioners import Captioners
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Captioners.from_config(cfg.captioner, device=device)
