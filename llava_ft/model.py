@@ -87,10 +87,15 @@ def load_llava(
             quantization_config=quantization,
             device_map={"": torch.device(device) if device is not None else "cpu"} if load_in_4bit else None,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        where = (
+            "is not a local folder, and as a hub id"
+            if not Path(name_or_path).exists()
+            else "is a local folder, but"
+        )
         raise StorypipeError(
-            f"could not load the LLaVA base {str(name_or_path)!r}: {exc}\n"
-            "Give a local model folder or a hub id that is reachable (captioner.base_model), "
+            f"could not load the LLaVA base {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n"
+            "Set captioner.base_model to a local model folder or a reachable hub id, "
             "or use --preset tiny to build a tiny base offline."
         ) from exc
     if device is not None and not load_in_4bit:
