@@ -15,11 +15,8 @@ plus ``config.yaml`` and ``train_log.jsonl`` (loss per step, eval loss on a held
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +40,18 @@ from llava_ft.data import ConversationSample, collate, encode_sample, read_conve
 from llava_ft.model import load_llava, resolve_base_model
 from pipeline.config import save_resolved_config
 from pipeline.errors import StorypipeError
+from pipeline.training import (
+    CHECKPOINTS_DIR,
+    LOG_FILE,
+    append_log,
+    global_batch_indices,
+    latest_checkpoint,
+    restore_rng,
+    save_rng,
+    truncate_log,
+    write_checkpoint,
+)
 
-CHECKPOINTS_DIR = "checkpoints"
-LOG_FILE = "train_log.jsonl"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -205,15 +211,6 @@ def split_held_out(
     return train_samples, samples[len(samples) - held_out :] or train_samples
 
 
-def global_batch_indices(step: int, num_samples: int, global_batch: int, seed: int) -> list[int]:
-    """Sample indices of optimizer step ``step``: a seeded permutation per epoch, wrapped to fill the last batch."""
-    steps_per_epoch = math.ceil(num_samples / global_batch)
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    wrapped = order * math.ceil((position + 1) * global_batch / num_samples)
-    return wrapped[position * global_batch : (position + 1) * global_batch]
-
-
 def batch_for(processor, samples: list[ConversationSample], pad_token_id: int, device: torch.device) -> dict:
     batch = collate([encode_sample(processor, sample) for sample in samples], pad_token_id)
     return {key: value.to(device) for key, value in batch.items()}
@@ -236,69 +233,31 @@ def evaluate(
     return (total / count.clamp(min=1)).item()
 
 
-def append_log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def read_log(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def truncate_log(path: Path, after_step: int) -> None:
-    """Drop log lines of steps that the resumed run will redo."""
-    if path.is_file():
-        kept = [record for record in read_log(path) if record["step"] <= after_step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints: only the trainable state (the adapter), never the frozen multi-GB base
-# --------------------------------------------------------------------------------------------
-
-
 def save_checkpoint(
     folder: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler, keep: int
 ) -> None:
-    target = folder / f"step_{step:08d}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-        save_file(get_peft_model_state_dict(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step}))
-        os.replace(staging, target)  # atomic: a checkpoint folder is complete or absent
-        for old in sorted(folder.glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
+
+        def write(staging: Path) -> None:
+            save_file(
+                get_peft_model_state_dict(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS)
+            )
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+
+        write_checkpoint(folder, step, write, keep)
     accelerator.wait_for_everyone()
-    # Each process keeps its own RNG state (dropout masks differ per process).
-    rng = {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, target / f"rng_{accelerator.process_index}.pt")
+    save_rng(folder / f"step_{step:08d}", accelerator.process_index)
 
 
 def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
-    candidates = sorted(folder.glob("step_*"))
-    if not candidates:
-        raise StorypipeError(f"--resume: no checkpoint in {folder}; start the run without --resume")
-    latest = candidates[-1]
+    latest, step = latest_checkpoint(folder)
     set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(latest / ADAPTER_WEIGHTS)))
     optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
-    rng_file = latest / f"rng_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((latest / "state.json").read_text())["step"]
+    restore_rng(latest, accelerator.process_index)
+    return step
 
 
 def verify_adapter(folder: Path, model) -> None:

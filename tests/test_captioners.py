@@ -11,8 +11,9 @@ from peft import PeftModel
 from llava_ft.captioners import Captioners, clean_caption
 from llava_ft.data import collate, encode_sample, read_conversations
 from llava_ft.model import load_llava
-from llava_ft.train import FinetuneRun, read_log, train
+from llava_ft.train import FinetuneRun, train
 from pipeline.errors import StorypipeError
+from pipeline.training import read_log
 from tests.llava_fixtures import CAPTIONS, DESCRIPTIONS, NEXT_CAPTIONS, frame_images, tiny_captioner_config
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from llava_ft.train import FinetuneRun, read_log, train
+from llava_ft.train import FinetuneRun, train
 from pipeline.cli import app
+from pipeline.training import read_log
 from tests.llava_fixtures import CAPTIONS, tiny_captioner_config
 
 runner = CliRunner()

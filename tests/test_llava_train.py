@@ -11,8 +11,9 @@ from llava_ft import train as train_module
 from llava_ft.config import LoraSettings
 from llava_ft.data import IGNORE_INDEX, encode_sample, read_conversations
 from llava_ft.model import load_llava
-from llava_ft.train import FinetuneRun, add_lora, global_batch_indices, read_log, train
+from llava_ft.train import FinetuneRun, add_lora, train
 from pipeline.errors import DataError, StorypipeError
+from pipeline.training import global_batch_indices, read_log
 from tests.llava_fixtures import DESCRIPTIONS, tiny_captioner_config
 
 
