@@ -7,14 +7,12 @@ into a folder first (``build_tiny_llava``) and then load the same way as the rea
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoProcessor,
     BitsAndBytesConfig,
@@ -23,13 +21,13 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 from transformers.models.clip import CLIPImageProcessorPil
 
 from llava_ft.config import CaptionerConfig, TinyLlavaSettings
 from pipeline.errors import StorypipeError
-from pipeline.prompts import IMAGE_TOKEN, PromptTemplates
+from pipeline.prompts import IMAGE_TOKEN
+from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 
 # llava-1.5's conversation format ("USER: <image>\n{question} ASSISTANT: {answer}"), as llava-hf's
 # processors render it. Real checkpoints bring their own template; tiny ones get this one.
@@ -42,7 +40,6 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-TINY_CORPUS_STORIES = 300  # ShapeStories stories whose captions train the tiny tokenizer
 
 
 def chat_prompt(processor: LlavaProcessor, question: str) -> str:
@@ -108,40 +105,6 @@ def load_llava(
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: the prompt templates and ShapeStories' captions."""
-    from pipeline.shapestories import describe_frame, plan_story, story_captions
-
-    prompts = PromptTemplates.load()
-    rng = random.Random(0)
-    corpus = [prompts.story_next, prompts.description, LLAVA_15_CHAT_TEMPLATE, "USER: ASSISTANT:"]
-    for _ in range(TINY_CORPUS_STORIES):
-        frames = plan_story(rng)
-        corpus += story_captions(frames) + [describe_frame(frame) for frame in frames]
-    return corpus
-
-
-def build_tiny_tokenizer(vocab_size: int, corpus: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (any text encodes, nothing is unknown) with ``<image>`` as a special token."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[*SPECIAL_TOKENS.values(), IMAGE_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    bos = SPECIAL_TOKENS["bos_token"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, extra_special_tokens={"image_token": IMAGE_TOKEN}, **SPECIAL_TOKENS
-    )
-
-
 def build_tiny_llava(
     folder: str | Path, settings: TinyLlavaSettings, corpus: Iterable[str] | None = None
 ) -> Path:
@@ -151,7 +114,13 @@ def build_tiny_llava(
     leaves a half-built model behind. It loads with ``load_llava(folder)`` like any real checkpoint.
     """
     folder = Path(folder)
-    tokenizer = build_tiny_tokenizer(settings.vocab_size, corpus if corpus is not None else tiny_corpus())
+    tokenizer = build_byte_bpe_tokenizer(
+        settings.vocab_size,
+        corpus if corpus is not None else tiny_corpus(extra=[LLAVA_15_CHAT_TEMPLATE, "USER: ASSISTANT:"]),
+        special_tokens=SPECIAL_TOKENS,
+        template=f"{SPECIAL_TOKENS['bos_token']} $A",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
     num_patches = (settings.image_size // settings.patch_size) ** 2
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": settings.image_size},
