@@ -1,25 +1,103 @@
-"""Config section ``generator``: the StoryGen-style diffusion model and its sampling defaults."""
+"""Config section ``generator``: the StoryGen-style diffusion model, its sampling defaults and training."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from pipeline.errors import ConfigError
+
+SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
+
+
+@dataclass
+class GeneratorTrainConfig:
+    max_steps: int = 50_000  # the source paper's run
+    batch_size: int = 4  # per GPU, per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5  # StoryGen's
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0
+    text_dropout: float = 0.05  # caption dropout, for text guidance
+    reference_dropout: float = 0.1  # blank references with empty captions, for image guidance
+    unet_lora_rank: int | None = (
+        None  # also train a LoRA on the UNet's attention; None trains only the new layers
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # used on CUDA only
+    gradient_checkpointing: bool = True
+    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit, on CUDA only
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generator.train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"generator.train.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("text_dropout", "reference_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"generator.train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.unet_lora_rank is not None and self.unet_lora_rank < 1:
+            raise ConfigError("generator.train.unet_lora_rank must be >= 1 or null")
+
+
+@dataclass
+class TinyDiffusionSettings:
+    """Sizes of a tiny SD-1.5-layout model (VAE, CLIP text encoder, UNet) built offline when missing."""
+
+    resolution: int = 32
+    block_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 32
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    vocab_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.block_channels) < 1 or len(self.vae_channels) < 1:
+            raise ConfigError(
+                "generator.tiny.block_channels and generator.tiny.vae_channels must not be empty"
+            )
+        if self.resolution % (2 ** (len(self.vae_channels) - 1)):
+            raise ConfigError("generator.tiny.resolution must be divisible by the VAE's downsampling factor")
 
 
 @dataclass
 class GeneratorConfig:
-    # A Stable Diffusion 1.5-layout diffusers folder (unet, vae, text_encoder, tokenizer, scheduler).
+    # A Stable Diffusion 1.5-layout diffusers folder (unet, vae, text_encoder, tokenizer, scheduler),
+    # or a folder written by `storypipe finetune-storygen` (the same plus the added layers).
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # "storygen": an added cross-attention over the reference frames' features (StoryGen).
+    # "memory": Make-A-Story's memory attention (current sentence -> previous sentences -> previous frames).
+    context: Literal["storygen", "memory"] = "storygen"
     resolution: int = 512
-    max_references: int = 3  # previous frames the added cross-attention reads (StoryGen uses 3)
+    max_references: int = 3  # previous frames the context reads (StoryGen uses 3)
+    scheduler: str = "ddim"
     num_inference_steps: int = 40
     guidance_scale: float = 7.0  # text guidance
     image_guidance_scale: float = 3.5  # reference-frame guidance
-    # Training memory knobs for a 24 GB card at 512².
-    mixed_precision: str = "fp16"
-    gradient_checkpointing: bool = True
-    use_8bit_adam: bool = True
+    # StoryGen noises reference i of N (oldest first) to (t // divisor) * (N - i): the newest is least noisy.
+    reference_timestep_divisor: int = 10
+    # "per_step": reference features recomputed at every denoising step (faithful to StoryGen).
+    # "once": fast mode, computed once per frame at `fast_reference_timestep` and reused.
+    reference_features: Literal["per_step", "once"] = "per_step"
+    fast_reference_timestep: int = 50
+    edit_strength: float = 0.5  # img2img noise for `storypipe edit` (the source paper used 50%)
+    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    # When set and `base_model` is a folder that does not exist yet, a tiny model is built there.
+    tiny: TinyDiffusionSettings | None = None
 
     def __post_init__(self) -> None:
         if not self.base_model:
@@ -28,11 +106,15 @@ class GeneratorConfig:
             raise ConfigError(f"generator.resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_references < 0:
             raise ConfigError(f"generator.max_references must be >= 0, got {self.max_references}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"generator.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
         if self.num_inference_steps < 1:
             raise ConfigError(f"generator.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.guidance_scale < 0 or self.image_guidance_scale < 0:
             raise ConfigError("generator.guidance_scale and generator.image_guidance_scale must be >= 0")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(
-                f"generator.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
-            )
+        if self.reference_timestep_divisor < 1:
+            raise ConfigError("generator.reference_timestep_divisor must be >= 1")
+        if not 0 < self.edit_strength <= 1:
+            raise ConfigError(f"generator.edit_strength must be in (0, 1], got {self.edit_strength}")

@@ -21,3 +21,25 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_samples(tmp_path_factory):
     return write_llava_samples(tmp_path_factory.mktemp("llava-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny SD-1.5-layout model folder (built offline, loaded through from_pretrained)."""
+    from storygen_ft.config import TinyDiffusionSettings
+    from storygen_ft.model import build_tiny_diffusion
+
+    return build_tiny_diffusion(tmp_path_factory.mktemp("models") / "tiny-sd", TinyDiffusionSettings())
+
+
+@pytest.fixture(scope="session")
+def toy_stories(tmp_path_factory):
+    """A small ShapeStories dataset in VIST layout."""
+    from pipeline.config import ToyDataConfig
+    from pipeline.shapestories import generate_shapestories
+
+    out = tmp_path_factory.mktemp("toy")
+    generate_shapestories(
+        out, ToyDataConfig(stories=10, seed=1, image_size=32, val_fraction=0.1, test_fraction=0.1)
+    )
+    return out

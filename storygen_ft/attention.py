@@ -1,0 +1,208 @@
+"""The added context attention, installed into a diffusers UNet through attention processors.
+
+Every transformer block of the UNet keeps its own self- and text cross-attention. A processor on the
+text cross-attention (``attn2``) sees ``norm2(h)``, the block's hidden state right after self-attention,
+and serves two purposes, selected per UNet call by the :class:`StoryAttentionState` passed as
+``cross_attention_kwargs={"story": state}``:
+
+* ``record``: a reference frame's pass; the processor stores ``norm2(h)`` per layer (StoryGen collects
+  the hidden state after self-attention, per layer).
+* ``attend``: the current frame's pass; the processor adds a context branch beside the text attention,
+  ``h <- h + attn2(norm2(h), text) + context(norm2(h), references)``.
+
+The context branch is either StoryGen's cross-attention over the references' tokens
+(:class:`ReferenceCrossAttention`) or Make-A-Story's memory attention (:class:`MemoryAttention`). Both
+have zero-initialised output projections, so an untrained model reproduces its base UNet exactly.
+StoryGen sums ``(attn2(.) + h) + (attn3(.) + h)``, counting ``h`` twice; we add the branch once, which
+keeps that equality.
+
+The new layers live in an ``nn.ModuleDict`` outside the UNet (the processors only reference them), so
+the UNet's own weights and ``save_pretrained`` output stay plain SD 1.5.
+Note: ``set_default_attn_processor``, ``fuse_qkv_projections`` and xformers replace these processors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+ContextKind = Literal["storygen", "memory"]
+MEMORY_INITIAL_TEMPERATURE = 10.0  # cosine-similarity logits scale at initialisation
+
+
+@dataclass
+class StoryAttentionState:
+    """What the processors exchange during one UNet call.
+
+    ``record``: ``features`` is filled with one ``(rows, L, C)`` tensor per layer.
+    ``attend``: ``features`` holds one ``(rows, N, L, C)`` tensor per layer (N references per row),
+    ``reference_mask`` is ``(rows, N)``, True where a reference exists; rows with none get no context.
+    The memory attention also needs the sentence embeddings: ``query_embedding`` ``(rows, D)`` of the
+    current description and ``key_embeddings`` ``(rows, N, D)`` of the references' descriptions.
+    """
+
+    mode: Literal["record", "attend"]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_mask: torch.Tensor | None = None
+    query_embedding: torch.Tensor | None = None
+    key_embeddings: torch.Tensor | None = None
+
+
+class ReferenceCrossAttention(nn.Module):
+    """StoryGen's added attention (``attn3``): queries from the current frame, keys and values from the
+    references' tokens of the same layer, concatenated along the token axis."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)  # the branch's own norm (StoryGen's norm4)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    @classmethod
+    def from_self_attention(cls, attn1: Attention) -> ReferenceCrossAttention:
+        """Start from the block's self-attention projections (as StoryGen does); the output starts at zero."""
+        layer = cls(attn1.to_q.in_features, attn1.heads)
+        with torch.no_grad():
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(layer, name).weight.copy_(getattr(attn1, name).weight)
+        return layer
+
+    def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
+        references = state.features[layer]  # (rows, N, L_ref, C)
+        rows, count, tokens, channels = references.shape
+        mask = state.reference_mask  # (rows, N)
+        has_reference = mask.any(dim=1)  # (rows,)
+        token_mask = mask[:, :, None].expand(rows, count, tokens).reshape(rows, 1, 1, count * tokens)
+        token_mask = token_mask | ~has_reference[:, None, None, None]  # keep softmax finite; zeroed below
+
+        head_dim = channels // self.heads
+        query = self.to_q(self.norm(hidden_states))  # (rows, L, C)
+        context = references.reshape(rows, count * tokens, channels)  # (rows, N*L_ref, C)
+        key, value = self.to_k(context), self.to_v(context)  # (rows, N*L_ref, C)
+        query, key, value = (
+            x.view(rows, -1, self.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=token_mask
+        )  # (rows, heads, L, head_dim)
+        out = out.transpose(1, 2).reshape(rows, -1, channels)  # (rows, L, C)
+        return self.to_out(out) * has_reference[:, None, None].to(out.dtype)
+
+
+class MemoryAttention(nn.Module):
+    """Make-A-Story's memory attention: Q = W_Q f(S^m), K = W_K f(S^{<m}), V = W_V f(Z^{<m}).
+
+    The current sentence weighs the previous sentences, and the output is the matching weighted sum of
+    the previous frames' features at this layer, added to the cross-attention output. Keys and queries
+    are compared by cosine similarity with W_Q = W_K at initialisation, so before any training the frame
+    whose sentence matches the query already gets the largest weight.
+    """
+
+    def __init__(self, dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(text_dim, text_dim, bias=False)
+        self.to_k = nn.Linear(text_dim, text_dim, bias=False)
+        with torch.no_grad():
+            self.to_k.weight.copy_(self.to_q.weight)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(MEMORY_INITIAL_TEMPERATURE)))
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def weights(
+        self, query_embedding: torch.Tensor, key_embeddings: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention over the N references: ``(rows, D)``, ``(rows, N, D)``, ``(rows, N)`` -> ``(rows, N)``."""
+        query = F.normalize(self.to_q(query_embedding), dim=-1)  # (rows, D)
+        keys = F.normalize(self.to_k(key_embeddings), dim=-1)  # (rows, N, D)
+        scores = torch.einsum("rd,rnd->rn", query, keys) * self.log_temperature.exp()  # (rows, N)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1) * mask.any(dim=1, keepdim=True)  # rows without references weigh nothing
+
+    def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
+        references = state.features[layer]  # (rows, N, L_ref, C)
+        weights = self.weights(state.query_embedding, state.key_embeddings, state.reference_mask)  # (rows, N)
+        memory = torch.einsum(
+            "rn,rnlc->rlc", weights.to(references.dtype), self.to_v(references)
+        )  # (rows, L, C)
+        return self.to_out(memory)
+
+
+class StorySelfAttnProcessor(AttnProcessor2_0):
+    """Plain self-attention that accepts the story state, so diffusers passes it on without warnings."""
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, story=None
+    ):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class StoryCrossAttnProcessor(AttnProcessor2_0):
+    """Text cross-attention plus, in ``attend`` mode, the context branch; in ``record`` mode it stores
+    its input (the post-self-attention state) under its layer name."""
+
+    def __init__(self, layer: str, context: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.context = context
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, story=None
+    ):
+        text = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if story is None:
+            return text
+        if story.mode == "record":
+            story.features[self.layer] = hidden_states  # (rows, L, C)
+            return text
+        return text + self.context(hidden_states, story, self.layer)
+
+
+def layer_key(block_name: str) -> str:
+    """ModuleDict key of a transformer block's context layer (module names may not contain dots)."""
+    return block_name.replace(".", "__")
+
+
+def build_context_layers(unet: nn.Module, kind: ContextKind, text_dim: int) -> nn.ModuleDict:
+    """One context layer per transformer block of ``unet``, sized like the block."""
+    layers = nn.ModuleDict()
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None:
+            if kind == "storygen":
+                layers[layer_key(name)] = ReferenceCrossAttention.from_self_attention(module.attn1)
+            else:
+                layers[layer_key(name)] = MemoryAttention(module.attn1.to_q.in_features, text_dim)
+    if not layers:
+        raise ValueError("the UNet has no transformer block with a cross-attention to extend")
+    return layers
+
+
+def install_story_processors(unet: nn.Module, layers: nn.ModuleDict) -> None:
+    """Put the story processors on every attention of ``unet``'s transformer blocks."""
+    processors = {}
+    for (
+        name
+    ) in unet.attn_processors:  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+        block, _, attention = name.removesuffix(".processor").rpartition(".")
+        if attention == "attn2":
+            processors[name] = StoryCrossAttnProcessor(layer_key(block), layers[layer_key(block)])
+        else:
+            processors[name] = StorySelfAttnProcessor()
+    unet.set_attn_processor(processors)
+
+
+def story_processors_installed(unet: nn.Module) -> bool:
+    return any(isinstance(p, StoryCrossAttnProcessor) for p in unet.attn_processors.values())

@@ -1,0 +1,252 @@
+"""Frame generation: the next frame from its description and up to K previous frames.
+
+Guidance follows StoryGen's three branches (``../shared/reference.md``):
+
+| branch | text   | reference images | reference captions |
+|--------|--------|------------------|--------------------|
+| uncond | uncond | blank image      | uncond             |
+| image  | uncond | real             | cond               |
+| all    | cond   | real             | cond               |
+
+``eps = eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image)``.
+
+Reference features come from the same UNet run on the references, noised to a small timestep derived
+from the current one (StoryGen: ``t // 10``, older references noisier). The *image* and *all* branches
+share the real references, so their features are computed once per step (``share_reference_passes``),
+bit-identical to recomputing them per branch. Fast mode (``reference_features="once"``) computes them
+once per frame at a fixed small timestep. With no reference the model is plain SD 1.5 with text guidance.
+References are not padded: fewer than K are masked (a row attends only to the references it has).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from storygen_ft.attention import StoryAttentionState
+from storygen_ft.config import GeneratorConfig
+from storygen_ft.model import StoryDiffusion, resolve_base_model
+
+
+@dataclass
+class FrameResult:
+    image: Image.Image
+    unet_evaluations: int  # UNet sample-passes (batch rows), references included
+    seconds: float
+    prompt_truncated: bool  # the description had more tokens than the text encoder reads
+
+
+@dataclass
+class _References:
+    """Everything about one frame's references that does not change across denoising steps."""
+
+    latents: torch.Tensor  # (N, C, h, w), real references
+    blank_latents: torch.Tensor  # (N, C, h, w), blank images (the uncond branch)
+    text: torch.Tensor  # (N, T, D), each reference's own description
+    uncond_text: torch.Tensor  # (N, T, D)
+    pooled: torch.Tensor  # (N, D), sentence embeddings of the descriptions (memory keys)
+    uncond_pooled: torch.Tensor  # (N, D)
+
+
+class FrameGenerator:
+    def __init__(self, model: StoryDiffusion, cfg: GeneratorConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self._evaluations = 0
+
+    @classmethod
+    def from_config(cls, cfg: GeneratorConfig, device: torch.device | str = "cpu") -> FrameGenerator:
+        model = StoryDiffusion.from_pretrained(
+            resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
+        )
+        return cls(model.to(device), cfg)
+
+    # ----------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        description: str,
+        context_images: Sequence[Image.Image],
+        context_descriptions: Sequence[str],
+        num_inference_steps: int,
+        guidance_scale: float,
+        image_guidance_scale: float,
+        init_image: Image.Image | None,
+        strength: float | None,
+    ) -> None:
+        if not isinstance(description, str) or not description.strip():
+            raise ValueError("the description must be a non-empty string")
+        if len(context_images) != len(context_descriptions):
+            raise ValueError(
+                f"{len(context_images)} context images but {len(context_descriptions)} context descriptions"
+            )
+        if len(context_images) > self.cfg.max_references:
+            raise ValueError(
+                f"{len(context_images)} context frames given, but the model reads at most "
+                f"generator.max_references={self.cfg.max_references}; pass the most recent ones"
+            )
+        for image in [*context_images, *([init_image] if init_image is not None else [])]:
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"images must be PIL images, got {type(image).__name__}")
+            if min(image.size) < 8:
+                raise ValueError(f"image of size {image.size} is too small")
+        if any(not isinstance(text, str) or not text.strip() for text in context_descriptions):
+            raise ValueError("context descriptions must be non-empty strings")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0 or image_guidance_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got {guidance_scale} and {image_guidance_scale}")
+        if init_image is None and strength is not None:
+            raise ValueError("strength applies to img2img only: give init_image too")
+        if strength is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        description: str,
+        context_images: Sequence[Image.Image] = (),
+        context_descriptions: Sequence[str] = (),
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        init_image: Image.Image | None = None,
+        strength: float | None = None,
+        reference_features: str | None = None,
+        share_reference_passes: bool = True,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> FrameResult:
+        """The next frame. ``context_*`` are the previous frames (oldest first, at most K) and their
+        descriptions; ``init_image`` + ``strength`` make it an img2img edit of an existing frame."""
+        cfg, model = self.cfg, self.model
+        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
+        s_txt = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        s_img = cfg.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
+        once = (reference_features or cfg.reference_features) == "once"
+        self.check_inputs(
+            description, context_images, context_descriptions, steps, s_txt, s_img, init_image, strength
+        )
+        started, self._evaluations = time.perf_counter(), 0
+        generator = torch.Generator().manual_seed(seed)
+
+        # 1. Text: the description, the empty prompt, and each reference's description.
+        text, pooled = model.encode_text(["", description])  # (2, T, D), (2, D)
+        references = self._encode_references(context_images, context_descriptions) if context_images else None
+
+        # 2. Starting latents: pure noise, or the init image noised to `strength` (img2img).
+        model.scheduler.set_timesteps(steps, device=model.device)
+        timesteps = model.scheduler.timesteps
+        side = cfg.resolution // model.vae_scale
+        shape = (1, model.unet.config.in_channels, side, side)
+        noise = torch.randn(shape, generator=generator).to(model.device)
+        if init_image is None:
+            latents = noise * model.scheduler.init_noise_sigma  # (1, C, h, w)
+        else:
+            kept = max(1, round(steps * strength))
+            timesteps = timesteps[steps - kept :]
+            init = model.encode_images(model.images_to_tensor([init_image], cfg.resolution))
+            latents = model.scheduler.add_noise(init, noise, timesteps[:1])
+
+        # 3. Fast mode: reference features once, at a fixed small timestep.
+        fixed = None
+        if references is not None and once:
+            fixed = self._branch_features(
+                references,
+                cfg.fast_reference_timestep * cfg.reference_timestep_divisor,
+                generator,
+                share_reference_passes,
+            )
+
+        # 4. Denoise.
+        for index, t in enumerate(timesteps):
+            scaled = model.scheduler.scale_model_input(latents, t)
+            if references is None:
+                eps_uncond, eps_text = self._unet(scaled.repeat(2, 1, 1, 1), t, text, None).chunk(2)
+                eps = eps_uncond + s_txt * (eps_text - eps_uncond)
+            else:
+                features = fixed or self._branch_features(
+                    references, int(t), generator, share_reference_passes
+                )
+                state = self._attend_state(features, references, pooled)
+                branch_text = text[[0, 0, 1]]  # uncond, image, all
+                eps_uncond, eps_image, eps_all = self._unet(
+                    scaled.repeat(3, 1, 1, 1), t, branch_text, state
+                ).chunk(3)
+                eps = eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image)
+            latents = model.scheduler.step(eps, t, latents).prev_sample
+            if on_step is not None:
+                on_step(index + 1, len(timesteps))
+
+        # 5. Decode.
+        image = model.decode_latents(latents)[0]
+        truncated = model.count_text_tokens(description) > model.text_max_length
+        return FrameResult(image, self._evaluations, time.perf_counter() - started, truncated)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _unet(
+        self, latents: torch.Tensor, t, text: torch.Tensor, state: StoryAttentionState | None
+    ) -> torch.Tensor:
+        self._evaluations += latents.shape[0]
+        kwargs = {"story": state} if state is not None else None
+        return self.model.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+    def _encode_references(self, images: Sequence[Image.Image], descriptions: Sequence[str]) -> _References:
+        model = self.model
+        count = len(images)
+        pixels = model.images_to_tensor(images, self.cfg.resolution)  # (N, 3, H, W)
+        text, pooled = model.encode_text(list(descriptions))  # (N, T, D), (N, D)
+        uncond_text, uncond_pooled = model.encode_text([""] * count)
+        return _References(
+            latents=model.encode_images(pixels),
+            blank_latents=model.encode_images(torch.zeros_like(pixels)),  # StoryGen's "zero image"
+            text=text, uncond_text=uncond_text, pooled=pooled, uncond_pooled=uncond_pooled,
+        )  # fmt: skip
+
+    def _branch_features(
+        self, refs: _References, t: int, generator: torch.Generator, share: bool
+    ) -> list[dict]:
+        """Per-layer reference features for the three branches: [blank, real, real].
+
+        With ``share`` the real references run once and both branches use the result; otherwise each
+        branch runs its own pass (same inputs, same noise), which gives bit-identical features.
+        """
+        blank_noise = torch.randn(refs.blank_latents.shape, generator=generator).to(self.model.device)
+        real_noise = torch.randn(refs.latents.shape, generator=generator).to(self.model.device)
+        blank = self._record(refs.blank_latents, refs.uncond_text, t, blank_noise)
+        real = self._record(refs.latents, refs.text, t, real_noise)
+        return [blank, real, real if share else self._record(refs.latents, refs.text, t, real_noise)]
+
+    def _record(
+        self, latents: torch.Tensor, text: torch.Tensor, t: int, noise: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One reference pass: reference i of N (oldest first) noised to (t // divisor) * (N - i)."""
+        count = latents.shape[0]
+        base = t // self.cfg.reference_timestep_divisor
+        ref_timesteps = torch.tensor(
+            [base * (count - i) for i in range(count)], device=self.model.device
+        )  # (N,)
+        noised = self.model.noise_scheduler.add_noise(latents, noise, ref_timesteps)  # (N, C, h, w)
+        state = StoryAttentionState(mode="record")
+        self._unet(noised, ref_timesteps, text, state)
+        return {layer: tokens.unsqueeze(0) for layer, tokens in state.features.items()}  # (1, N, L, C)
+
+    def _attend_state(
+        self, branches: list[dict], refs: _References, pooled: torch.Tensor
+    ) -> StoryAttentionState:
+        count = refs.latents.shape[0]
+        features = {
+            layer: torch.cat([branch[layer] for branch in branches]) for layer in branches[0]
+        }  # (3, N, L, C)
+        return StoryAttentionState(
+            mode="attend",
+            features=features,
+            reference_mask=torch.ones(3, count, dtype=torch.bool, device=self.model.device),
+            query_embedding=pooled[[0, 1, 1]],  # the uncond branch asks with the empty prompt
+            key_embeddings=torch.stack([refs.uncond_pooled, refs.pooled, refs.pooled]),  # (3, N, D)
+        )

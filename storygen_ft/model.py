@@ -1,0 +1,359 @@
+"""The StoryGen-style diffusion model: SD 1.5 components plus the added context layers.
+
+A model folder is a Stable Diffusion 1.5 diffusers folder (``vae/ text_encoder/ tokenizer/ unet/
+scheduler/ model_index.json``, so diffusers' own pipeline can load it too) plus, once finetuned,
+``context_layers.safetensors`` and ``story_model.json``. ``StoryDiffusion.from_pretrained(folder)``
+loads either kind with one call; the UNet's own weights are never modified by the added layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+from pipeline.errors import StorypipeError
+from pipeline.io import atomic_write_json
+from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
+from storygen_ft.attention import (
+    ContextKind,
+    StoryAttentionState,
+    build_context_layers,
+    install_story_processors,
+)
+from storygen_ft.config import GeneratorConfig, TinyDiffusionSettings
+
+CONTEXT_WEIGHTS = "context_layers.safetensors"
+STORY_MODEL_FILE = "story_model.json"
+SCHEDULER_CLASSES = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+}
+# The tiny CLIP tokenizer's special tokens; "<pad>" first keeps the EOS id away from 2, the id that makes
+# CLIPTextModel fall back to its legacy (argmax-of-ids) pooling.
+TINY_TEXT_SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
+TEXT_MAX_LENGTH = 77  # CLIP's context length, as in SD 1.5
+
+
+class StoryDiffusion(nn.Module):
+    """SD 1.5 components with story processors installed on the UNet and the context layers beside it."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer,
+        unet: UNet2DConditionModel,
+        scheduler,
+        context_kind: ContextKind,
+        context_layers: nn.ModuleDict | None = None,
+    ) -> None:
+        super().__init__()
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler  # the sampler (DDIM by default)
+        # References and training noise use the training (DDPM) schedule, valid for any integer t.
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.context_kind = context_kind
+        text_dim = text_encoder.config.hidden_size
+        self.context_layers = (
+            context_layers
+            if context_layers is not None
+            else build_context_layers(unet, context_kind, text_dim)
+        )
+        install_story_processors(unet, self.context_layers)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------------------------------
+    # Loading and saving
+    # ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, context: ContextKind | None = None, scheduler: str = "ddim"
+    ) -> StoryDiffusion:
+        """Load an SD 1.5-layout folder or hub id; the added layers too when the folder has them.
+
+        ``context`` defaults to the kind the folder was trained with, else ``"storygen"``.
+        """
+        folder = Path(name_or_path)
+        saved = (
+            json.loads((folder / STORY_MODEL_FILE).read_text())
+            if (folder / STORY_MODEL_FILE).is_file()
+            else None
+        )
+        if saved is not None and context is not None and context != saved["context"]:
+            raise StorypipeError(
+                f"{folder} was trained with generator.context={saved['context']!r}, not {context!r}; "
+                "set generator.context to match or point generator.base_model at another folder"
+            )
+        kind = context or (saved["context"] if saved else "storygen")
+        try:
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+            unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
+            sampler = SCHEDULER_CLASSES[scheduler].from_pretrained(name_or_path, subfolder="scheduler")
+        except (OSError, ValueError) as exc:
+            where = (
+                "is not a local folder, and as a hub id" if not folder.exists() else "is a local folder, but"
+            )
+            raise StorypipeError(
+                f"could not load the diffusion model {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n"
+                "Set generator.base_model to an SD 1.5-layout folder or a reachable hub id, train one with "
+                "`make finetune-storygen`, or use --preset tiny to build a tiny model offline."
+            ) from exc
+        model = cls(vae, text_encoder, tokenizer, unet, sampler, kind)
+        if saved is not None:
+            model.context_layers.load_state_dict(load_file(str(folder / CONTEXT_WEIGHTS)))
+        model.requires_grad_(False)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the SD components in diffusers format plus the context layers, atomically."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            save_sd_components(
+                staging, self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
+            )
+            weights = {
+                name: tensor.detach().contiguous().cpu()
+                for name, tensor in self.context_layers.state_dict().items()
+            }
+            save_file(weights, str(staging / CONTEXT_WEIGHTS))
+            atomic_write_json(staging / STORY_MODEL_FILE, {"context": self.context_kind, "format": 1})
+            for name in (
+                os.listdir(folder) if folder.is_dir() else []
+            ):  # keep the run's other files (config, log)
+                if not (staging / name).exists():
+                    shutil.move(str(folder / name), staging / name)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    # ----------------------------------------------------------------------------------------
+    # Training loss
+    # ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        pooled: torch.Tensor,
+        ref_latents: torch.Tensor,
+        ref_text: torch.Tensor,
+        ref_pooled: torch.Tensor,
+        ref_mask: torch.Tensor,
+        noise: torch.Tensor,
+        ref_noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        reference_timestep_divisor: int,
+    ) -> torch.Tensor:
+        """Noise-prediction MSE of the current frame, conditioned on its text and its references.
+
+        Shapes: latents/noise ``(B, C, h, w)``, text ``(B, T, D)``, pooled ``(B, D)``, references
+        ``(B, N, ...)`` right-aligned (position N-1 is the newest), ``ref_mask`` ``(B, N)``.
+        Reference j of N is noised to ``(t // divisor) * (N - j)`` and run through the frozen UNet.
+        """
+        batch, count = ref_mask.shape
+        with torch.no_grad():
+            base = timesteps // reference_timestep_divisor  # (B,)
+            ages = torch.arange(count, 0, -1, device=timesteps.device)  # (N,): N .. 1, oldest first
+            ref_timesteps = (base[:, None] * ages[None, :]).reshape(-1)  # (B*N,)
+            flat = ref_latents.flatten(0, 1)  # (B*N, C, h, w)
+            noised_refs = self.noise_scheduler.add_noise(flat, ref_noise.flatten(0, 1), ref_timesteps)
+            record = StoryAttentionState(mode="record")
+            self.unet(
+                noised_refs,
+                ref_timesteps,
+                encoder_hidden_states=ref_text.flatten(0, 1),
+                cross_attention_kwargs={"story": record},
+            )
+        features = {
+            layer: tokens.reshape(batch, count, *tokens.shape[1:])
+            for layer, tokens in record.features.items()
+        }
+        state = StoryAttentionState(
+            mode="attend",
+            features=features,
+            reference_mask=ref_mask,
+            query_embedding=pooled,
+            key_embeddings=ref_pooled,
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
+        prediction = self.unet(
+            noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs={"story": state}
+        ).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+    # ----------------------------------------------------------------------------------------
+    # Encoders
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP token states ``(B, T, D)`` for cross-attention and the pooled sentence embedding ``(B, D)``."""
+        tokens = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        output = self.text_encoder(tokens.input_ids)
+        return output.last_hidden_state, output.pooler_output
+
+    @property
+    def text_max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text).input_ids)
+
+    def images_to_tensor(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
+        """RGB images resized to ``resolution``², in [-1, 1]: ``(B, 3, H, W)``."""
+        arrays = [
+            np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC))
+            for image in images
+        ]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+        return pixels.to(self.device, self.vae.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> scaled latents ``(B, C, H/f, W/f)`` (the posterior mean)."""
+        return self.vae.encode(pixels).latent_dist.mode() * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        pixels = self.vae.decode(latents / self.latent_scale).sample  # (B, 3, H, W) in [-1, 1]
+        pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(array) for array in pixels]
+
+
+def save_sd_components(folder: Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+    """An SD 1.5 diffusers folder (with model_index.json, so StableDiffusionPipeline loads it too)."""
+    plain = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    plain.save_pretrained(folder)
+
+
+def resolve_base_model(cfg: GeneratorConfig) -> str:
+    """The model's hub id or folder; a tiny one is built there first when ``cfg.tiny`` asks for it."""
+    if cfg.tiny is not None and not Path(cfg.base_model, "model_index.json").is_file():
+        build_tiny_diffusion(cfg.base_model, cfg.tiny)
+    return cfg.base_model
+
+
+def build_tiny_diffusion(folder: str | Path, settings: TinyDiffusionSettings) -> Path:
+    """A randomly initialised tiny SD-1.5-layout model (VAE, CLIP text encoder, UNet, DDIM), saved atomically."""
+    folder = Path(folder)
+    tokenizer = build_byte_bpe_tokenizer(
+        settings.vocab_size,
+        tiny_corpus(),
+        special_tokens=TINY_TEXT_SPECIAL_TOKENS,
+        template="<s> $A </s>",
+        model_max_length=TEXT_MAX_LENGTH,
+    )
+    down_levels = len(settings.vae_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=settings.cross_attention_dim,
+                intermediate_size=4 * settings.cross_attention_dim,
+                num_hidden_layers=settings.text_layers,
+                num_attention_heads=max(1, settings.cross_attention_dim // settings.attention_head_dim),
+                max_position_embeddings=TEXT_MAX_LENGTH,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * down_levels,
+            up_block_types=("UpDecoderBlock2D",) * down_levels,
+            block_out_channels=settings.vae_channels,
+            latent_channels=settings.latent_channels,
+            layers_per_block=1,
+            norm_num_groups=min(32, settings.vae_channels[0]),
+            sample_size=settings.resolution,
+        )
+        levels = len(settings.block_channels)
+        unet = UNet2DConditionModel(
+            sample_size=settings.resolution // 2 ** (down_levels - 1),
+            in_channels=settings.latent_channels,
+            out_channels=settings.latent_channels,
+            layers_per_block=settings.layers_per_block,
+            block_out_channels=settings.block_channels,
+            down_block_types=("CrossAttnDownBlock2D",) * levels,
+            up_block_types=("CrossAttnUpBlock2D",) * levels,
+            cross_attention_dim=settings.cross_attention_dim,
+            attention_head_dim=settings.attention_head_dim,
+            norm_num_groups=min(32, settings.block_channels[0]),
+        )
+    # SD 1.5's sampler settings.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        save_sd_components(staging, vae, text_encoder, tokenizer, unet, scheduler)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,177 @@
+"""The StoryGen-style frame generator on a tiny SD-1.5-layout model, offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from storygen_ft.attention import MemoryAttention, StoryAttentionState
+from storygen_ft.config import GeneratorConfig
+from storygen_ft.generator import FrameGenerator
+from storygen_ft.model import StoryDiffusion
+
+STEPS = 4
+REFERENCES = [Image.new("RGB", (32, 32), colour) for colour in ((200, 20, 20), (20, 20, 200), (20, 160, 20))]
+REFERENCE_TEXTS = ["A red circle jumps.", "A blue square runs.", "A green triangle sits."]
+
+
+def _config(base, **overrides) -> GeneratorConfig:
+    return GeneratorConfig(base_model=str(base), resolution=32, num_inference_steps=STEPS, **overrides)
+
+
+@pytest.fixture(scope="module", params=["storygen", "memory"])
+def generator(request, tiny_sd):
+    return FrameGenerator.from_config(_config(tiny_sd, context=request.param))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3])
+def test_output_shapes_and_unet_work_for_0_to_3_references(generator, count):
+    result = generator.generate("A red circle waves.", REFERENCES[:count], REFERENCE_TEXTS[:count], seed=0)
+    assert result.image.size == (32, 32) and result.image.mode == "RGB"
+    # Per step: 3 guidance branches + 2 reference sets of N frames (blank and real); no context: 2 branches.
+    assert result.unet_evaluations == STEPS * (3 + 2 * count if count else 2)
+
+
+def test_untrained_context_leaves_the_unet_exactly_unchanged(generator, tiny_sd):
+    """Zero-initialised output projections: with references attended, the UNet's output is bit-identical
+    to a plain diffusers UNet loaded from the same folder."""
+    plain = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    model = generator.model
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16)
+    text, pooled = model.encode_text(["A red circle.", "A blue square."])
+    record = StoryAttentionState(mode="record")
+    with torch.no_grad():
+        model.unet(
+            torch.randn(6, 4, 16, 16),
+            torch.tensor([5] * 6),
+            encoder_hidden_states=text.repeat(3, 1, 1),
+            cross_attention_kwargs={"story": record},
+        )
+        features = {k: v.reshape(2, 3, *v.shape[1:]) for k, v in record.features.items()}
+        state = StoryAttentionState(
+            "attend", features, torch.ones(2, 3, dtype=torch.bool), pooled, pooled[:, None].repeat(1, 3, 1)
+        )
+        ours = model.unet(
+            latents, 500, encoder_hidden_states=text, cross_attention_kwargs={"story": state}
+        ).sample
+        reference = plain(latents, 500, encoder_hidden_states=text).sample
+    assert torch.equal(ours, reference)
+
+
+def test_untrained_model_with_references_gives_plain_sd_output(generator):
+    plain = generator.generate("A red circle waves.", seed=3)
+    with_references = generator.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=3)
+    assert np.array_equal(_pixels(plain.image), _pixels(with_references.image))
+
+
+def test_no_context_mode_is_diffusers_stable_diffusion(tiny_sd):
+    """The seed paper's baseline: our loop without references is SD 1.5 as diffusers runs it."""
+    ours = FrameGenerator.from_config(_config(tiny_sd)).generate("A red circle waves.", seed=5).image
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, safety_checker=None, requires_safety_checker=False
+    )
+    latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
+    theirs = pipe(
+        "A red circle waves.",
+        height=32,
+        width=32,
+        num_inference_steps=STEPS,
+        guidance_scale=7.0,
+        latents=latents,
+    ).images[0]
+    assert np.abs(_pixels(ours) - _pixels(theirs)).max() <= 1  # rounding of the final uint8 conversion only
+
+
+def test_shared_reference_passes_are_bit_identical_to_per_branch_passes(generator, tiny_sd):
+    trained_like = _perturbed(tiny_sd, generator.cfg)  # non-zero outputs, so the references really matter
+    shared = trained_like.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1)
+    naive = trained_like.generate(
+        "A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1, share_reference_passes=False
+    )
+    assert np.array_equal(_pixels(shared.image), _pixels(naive.image))
+    assert shared.unet_evaluations == STEPS * (3 + 2 * 3) and naive.unet_evaluations == STEPS * (3 + 3 * 3)
+    plain = trained_like.generate("A red circle waves.", seed=1)
+    assert not np.array_equal(_pixels(shared.image), _pixels(plain.image))
+
+
+def test_fast_mode_computes_reference_features_once(generator, tiny_sd):
+    trained_like = _perturbed(tiny_sd, generator.cfg)
+    fast = trained_like.generate(
+        "A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1, reference_features="once"
+    )
+    faithful = trained_like.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1)
+    assert fast.unet_evaluations == STEPS * 3 + 2 * 3
+    assert not np.array_equal(_pixels(fast.image), _pixels(faithful.image))
+
+
+def test_img2img_runs_the_tail_of_the_schedule(generator):
+    init = REFERENCES[0]
+    model = generator.model
+    round_trip = _pixels(model.decode_latents(model.encode_images(model.images_to_tensor([init], 32)))[0])
+    light = generator.generate("A red circle waves.", init_image=init, strength=0.25, seed=2)
+    full = generator.generate("A red circle waves.", init_image=init, strength=1.0, seed=2)
+    assert light.unet_evaluations == 2 * STEPS // 4 and full.unet_evaluations == 2 * STEPS
+    # Less noise keeps more of the frame being edited (as the VAE sees it).
+    assert np.abs(_pixels(light.image) - round_trip).mean() < np.abs(_pixels(full.image) - round_trip).mean()
+
+
+def test_memory_attention_weights_the_frame_whose_sentence_matches(tiny_sd):
+    model = StoryDiffusion.from_pretrained(tiny_sd, context="memory")
+    _, pooled = model.encode_text(REFERENCE_TEXTS)  # (3, D)
+    memory = next(iter(model.context_layers.values()))
+    assert isinstance(memory, MemoryAttention)
+    keys = pooled[None].repeat(3, 1, 1)  # each row: the same three previous sentences
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    with torch.no_grad():
+        weights = memory.weights(pooled, keys, mask)  # row j asks with sentence j
+    assert torch.equal(weights.argmax(dim=1), torch.arange(3))
+    assert torch.allclose(weights.sum(dim=1), torch.ones(3))
+    mask[0, 0] = False  # a masked reference gets no weight, even when it matches
+    mask[2] = False  # a row without references (the first frame) weighs nothing
+    with torch.no_grad():
+        masked = memory.weights(pooled, keys, mask)
+    assert masked[0, 0] == 0 and masked[2].sum() == 0 and masked[0].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"context_images": REFERENCES[:2], "context_descriptions": REFERENCE_TEXTS[:1]},
+            "2 context images but 1",
+        ),
+        (
+            {"context_images": REFERENCES * 2, "context_descriptions": REFERENCE_TEXTS * 2},
+            "at most generator.max_references=3",
+        ),
+        ({"guidance_scale": -1.0}, "guidance scales must be >= 0"),
+        ({"image_guidance_scale": -0.5}, "guidance scales must be >= 0"),
+        ({"strength": 0.5}, "give init_image too"),
+        ({"init_image": REFERENCES[0], "strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"context_images": [Image.new("RGB", (4, 4))], "context_descriptions": ["x"]}, "too small"),
+        ({"description": " "}, "non-empty string"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be >= 1"),
+    ],
+)
+def test_bad_inputs_are_rejected_before_any_work(generator, kwargs, message):
+    arguments = {"description": "A red circle.", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generator.generate(**arguments)
+
+
+def _perturbed(base, cfg: GeneratorConfig) -> FrameGenerator:
+    """A generator whose context layers have small random output projections, like a trained model."""
+    model = StoryDiffusion.from_pretrained(base, context=cfg.context)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for layer in model.context_layers.values():
+            layer.to_out.weight.normal_(std=0.05)
+    return FrameGenerator(model, cfg)
