@@ -1,0 +1,264 @@
+"""Finetune the StoryGen-style context layers on stories: ``train(run)``, top to bottom.
+
+Data: a VIST-layout folder (VIST, ShapeStories, converted FlintstonesSV/PororoSV). Each example is a
+frame k >= 1 of a usable story, captioned with its **description** (DII, the source paper's choice),
+conditioned on 1..min(K, k) of the frames before it (uniformly at random).
+
+Only the added layers train by default (optionally also a LoRA on the UNet's attention). Text is
+dropped with ``text_dropout``, references with ``reference_dropout`` (blank images, empty captions), so
+both guidance scales have an unconditional branch to work against (StoryGen's recipe).
+
+Every random choice of step s (which references, dropout, noise, timesteps) comes from a generator
+seeded by (seed, step, process): a resumed run repeats exactly the steps it would have run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from transformers import get_constant_schedule_with_warmup
+
+from pipeline.config import save_resolved_config
+from pipeline.errors import DataError, StorypipeError
+from pipeline.training import (
+    CHECKPOINTS_DIR,
+    LOG_FILE,
+    append_log,
+    global_batch_indices,
+    latest_checkpoint,
+    truncate_log,
+    write_checkpoint,
+)
+from pipeline.vist import ImageDecodeError, VistStory, load_rgb, load_vist_split
+from storygen_ft.config import GeneratorConfig
+from storygen_ft.model import StoryDiffusion, resolve_base_model
+
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+
+
+@dataclass
+class StoryGenRun:
+    generator: GeneratorConfig
+    data_dir: Path
+    out_dir: Path
+    split: str = "train"
+    resume: bool = False
+    resolved_config: Any = None  # the whole resolved storypipe config, written into the run
+
+
+@dataclass
+class Example:
+    story: VistStory
+    frame: int  # k >= 1: the frame to generate
+
+
+def train(run: StoryGenRun) -> Path:
+    cfg, tcfg = run.generator, run.generator.train
+    out_dir, checkpoints = Path(run.out_dir), Path(run.out_dir) / CHECKPOINTS_DIR
+    if cfg.max_references < 1:
+        raise StorypipeError("generator.max_references must be >= 1 to train the context layers")
+    if not run.resume and checkpoints.exists():
+        raise StorypipeError(
+            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+    # 1. Devices and precision: mixed precision and 8-bit Adam on CUDA; fp32 on the CPU.
+    on_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision if on_cuda else "no", cpu=not on_cuda)
+    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    torch.manual_seed(tcfg.seed)
+
+    # 2. Data: every frame k >= 1 of every structurally usable story (images decode lazily, per batch).
+    vist = load_vist_split(run.data_dir, run.split)
+    examples = [Example(story, k) for story in vist.stories for k in range(1, len(story.frames))]
+    if not examples:
+        raise DataError(
+            f"no usable story in split {run.split!r} of {run.data_dir}: " + "; ".join(vist.drop_report())
+        )
+    global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
+
+    # 3. Model: frozen SD components (in the mixed-precision dtype), trainable context layers in fp32.
+    model = StoryDiffusion.from_pretrained(
+        resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
+    )
+    for component in (model.vae, model.text_encoder, model.unet):
+        component.to(accelerator.device)
+        if frozen_dtype != torch.float32:
+            component.to(frozen_dtype)
+    model.context_layers.to(accelerator.device).requires_grad_(True)
+    if tcfg.unet_lora_rank is not None:
+        from peft import LoraConfig
+
+        lora = LoraConfig(
+            r=tcfg.unet_lora_rank,
+            lora_alpha=tcfg.unet_lora_rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+        model.unet.add_adapter(lora)
+        for parameter in model.unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()  # trainable weights stay fp32 under fp16 autocast
+    if tcfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 4. Optimizer and schedule.
+    if on_cuda and tcfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    scheduler = get_constant_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, tcfg.max_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    story_model: StoryDiffusion = accelerator.unwrap_model(model)
+
+    # 5. Resume from the newest checkpoint.
+    start_step = 0
+    if run.resume:
+        latest, start_step = latest_checkpoint(checkpoints)
+        trainable_state = load_file(str(latest / TRAINABLE_WEIGHTS))
+        for name, parameter in story_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.data.copy_(trainable_state[name])
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        truncate_log(out_dir / LOG_FILE, after_step=start_step)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, out_dir)
+
+    # 6. The loop.
+    progress = Progress(
+        TextColumn("finetune-storygen"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), disable=not accelerator.is_main_process,
+    )  # fmt: skip
+    with progress:
+        bar = progress.add_task("train", total=tcfg.max_steps, completed=start_step, status="")
+        for step in range(start_step, tcfg.max_steps):
+            model.train()
+            rng = torch.Generator().manual_seed(
+                tcfg.seed * 1_000_003 + step * 1_009 + accelerator.process_index
+            )
+            indices = global_batch_indices(step, len(examples), global_batch, tcfg.seed)
+            local = indices[accelerator.process_index :: accelerator.num_processes]
+            micro_batches = [local[i : i + tcfg.batch_size] for i in range(0, len(local), tcfg.batch_size)]
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro, batch_indices in enumerate(micro_batches):
+                inputs = make_batch(story_model, [examples[i] for i in batch_indices], cfg, rng)
+                with accelerator.autocast():
+                    loss = model(**inputs, reference_timestep_divisor=cfg.reference_timestep_divisor)
+                if micro < len(micro_batches) - 1:
+                    with accelerator.no_sync(model):
+                        accelerator.backward(loss / len(micro_batches))
+                else:
+                    accelerator.backward(loss / len(micro_batches))
+                step_loss += loss.detach() / len(micro_batches)
+            accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            record = {
+                "step": done,
+                "loss": accelerator.reduce(step_loss, "mean").item(),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if accelerator.is_main_process:
+                append_log(out_dir / LOG_FILE, record)
+            if done % tcfg.checkpoint_every == 0 and done < tcfg.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    write_checkpoint(
+                        checkpoints,
+                        done,
+                        lambda folder: save_training_state(story_model, optimizer, scheduler, folder),
+                        tcfg.keep_checkpoints,
+                    )
+                accelerator.wait_for_everyone()
+            progress.update(bar, completed=done, status=f"loss {record['loss']:.4f}")
+
+    # 7. Save a folder that loads with StoryDiffusion.from_pretrained(out_dir).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if tcfg.unet_lora_rank is not None:
+            story_model.unet.fuse_lora()  # bake the LoRA in, so the UNet folder stays plain SD 1.5
+            story_model.unet.unload_lora()
+        if frozen_dtype != torch.float32:
+            for component in (story_model.vae, story_model.text_encoder, story_model.unet):
+                component.to(torch.float32)
+        story_model.save_pretrained(out_dir)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished model supersedes them
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def save_training_state(model: StoryDiffusion, optimizer, scheduler, folder: Path) -> None:
+    trainable = {
+        name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad
+    }
+    save_file(trainable, str(folder / TRAINABLE_WEIGHTS))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+
+
+def make_batch(
+    model: StoryDiffusion, examples: list[Example], cfg: GeneratorConfig, rng: torch.Generator
+) -> dict:
+    """Encode a micro-batch: targets, texts, right-aligned references (newest last), noise and timesteps."""
+    tcfg, device, count = cfg.train, model.device, cfg.max_references
+    blank = Image.new("RGB", (cfg.resolution, cfg.resolution))
+    targets, texts, ref_images, ref_texts, masks = [], [], [], [], []
+    for example in examples:
+        frames = example.story.frames
+        available = min(count, example.frame)
+        used = int(torch.randint(1, available + 1, (1,), generator=rng))  # 1..min(K, k) references
+        previous = frames[example.frame - used : example.frame]  # oldest first
+        drop_text = float(torch.rand((), generator=rng)) < tcfg.text_dropout
+        drop_refs = float(torch.rand((), generator=rng)) < tcfg.reference_dropout
+        try:
+            target = load_rgb(frames[example.frame].image_file)
+            images = [blank if drop_refs else load_rgb(frame.image_file) for frame in previous]
+        except ImageDecodeError as exc:
+            raise DataError(f"story {example.story.story_id}: {exc}") from exc
+        targets.append(target)
+        texts.append("" if drop_text else frames[example.frame].description)
+        padding = count - used
+        ref_images += [blank] * padding + images
+        ref_texts += [""] * padding + ["" if drop_refs else frame.description for frame in previous]
+        masks.append([False] * padding + [True] * used)
+
+    batch = len(examples)
+    with torch.no_grad():
+        latents = model.encode_images(model.images_to_tensor(targets, cfg.resolution))  # (B, C, h, w)
+        ref_latents = model.encode_images(
+            model.images_to_tensor(ref_images, cfg.resolution)
+        )  # (B*N, C, h, w)
+        text, pooled = model.encode_text(texts)  # (B, T, D), (B, D)
+        ref_text, ref_pooled = model.encode_text(ref_texts)  # (B*N, T, D), (B*N, D)
+    train_steps = model.noise_scheduler.config.num_train_timesteps
+    return {
+        "latents": latents,
+        "text": text,
+        "pooled": pooled,
+        "ref_latents": ref_latents.reshape(batch, count, *ref_latents.shape[1:]),  # (B, N, C, h, w)
+        "ref_text": ref_text.reshape(batch, count, *ref_text.shape[1:]),  # (B, N, T, D)
+        "ref_pooled": ref_pooled.reshape(batch, count, -1),  # (B, N, D)
+        "ref_mask": torch.tensor(masks, device=device),  # (B, N)
+        "noise": torch.randn(latents.shape, generator=rng).to(device, latents.dtype),
+        "ref_noise": torch.randn((batch, count, *ref_latents.shape[1:]), generator=rng).to(
+            device, latents.dtype
+        ),
+        "timesteps": torch.randint(0, train_steps, (batch,), generator=rng).to(device),
+    }
