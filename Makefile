@@ -8,7 +8,7 @@ PIP     := $(PY) -m pip
 # nltk looks in $(sys.prefix)/nltk_data, so WordNet installed there needs no environment variable.
 NLTK_DATA_DIR := $(VENV)/nltk_data
 
-.PHONY: install test lint wordnet clean finetune-llava
+.PHONY: install test lint wordnet clean finetune-llava finetune-storygen
 
 # Training and evaluation entry points. Override on the command line, e.g.
 #   make finetune-llava LLAVA_DATA=data/llava-10k
@@ -16,6 +16,7 @@ NLTK_DATA_DIR := $(VENV)/nltk_data
 PRESET     ?= vist
 STORYPIPE  ?= $(VENV)/bin/storypipe
 LLAVA_DATA ?= data/llava
+STORY_DATA ?= data/vist
 RUNS       ?= runs
 RESUME     ?=
 
@@ -56,3 +57,7 @@ finetune-llava:
 		--out $(RUNS)/llava-story --preset $(PRESET) $(RESUME)
 	$(STORYPIPE) finetune-llava --task description --data $(LLAVA_DATA)/description.json --images $(LLAVA_DATA)/images \
 		--out $(RUNS)/llava-description --preset $(PRESET) $(RESUME)
+
+# The frame generator's context layers, on a VIST-layout folder (descriptions as captions).
+finetune-storygen:
+	$(STORYPIPE) finetune-storygen --data $(STORY_DATA) --out $(RUNS)/storygen --preset $(PRESET) $(RESUME)

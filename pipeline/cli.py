@@ -242,6 +242,67 @@ def caption_command(
     console.print(f"Description of the next frame: {description}", highlight=False)
 
 
+@app.command("finetune-storygen")
+@user_errors
+def finetune_storygen_command(
+    data: Annotated[
+        Path, typer.Option("--data", help="A VIST-layout folder (VIST, ShapeStories, converted *SV).")
+    ],
+    split: Annotated[str, typer.Option(help="Which split to train on.")] = "train",
+    out: Annotated[Path, typer.Option("--out", help="Output model folder.")] = Path("runs/storygen"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
+    ] = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Finetune the frame generator's added context layers; the output loads with one from_pretrained call."""
+    cfg = _config(config, preset, set_)
+    started = time.perf_counter()
+    folder = wiring.finetune_storygen(cfg, data, out, split=split, resume=resume)
+    console.print(
+        f"Model written to {folder} in {time.perf_counter() - started:.1f}s (log: {folder / 'train_log.jsonl'})"
+    )
+    console.print(f"Use it with: --set generator.base_model={folder}")
+
+
+@app.command("convert-storysv")
+@user_errors
+def convert_storysv_command(
+    dataset: Annotated[str, typer.Option(help="flintstones or pororo.")],
+    src: Annotated[Path, typer.Option("--src", help="The dataset as published (see README).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder, in VIST layout.")],
+    referential: Annotated[
+        bool,
+        typer.Option(
+            "--referential",
+            help="Story captions use pronouns for repeated characters (Make-A-Story's extended text).",
+        ),
+    ] = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Convert FlintstonesSV or PororoSV into the VIST layout, with character and background labels."""
+    from pipeline.storysv import convert_storysv
+
+    if dataset not in ("flintstones", "pororo"):
+        raise typer.BadParameter("must be flintstones or pororo", param_hint="--dataset")
+    cfg = _config(config, preset, set_)
+    with _progress() as progress:
+        task = progress.add_task(dataset, total=None)
+        counts = convert_storysv(
+            dataset, src, out, referential=referential, progress=lambda n: progress.advance(task, n)
+        )
+    save_resolved_config(cfg, out)
+    console.print(
+        f"Wrote {sum(counts.values())} stories ("
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f") to {out}"
+    )
+
+
 def main() -> None:
     app()
 

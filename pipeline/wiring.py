@@ -19,6 +19,7 @@ from storygen_ft.config import GeneratorConfig
 
 if TYPE_CHECKING:
     from llava_ft.captioners import Captioners
+    from storygen_ft.generator import FrameGenerator
 
 
 @dataclass
@@ -68,3 +69,23 @@ def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captione
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Captioners.from_config(cfg.captioner, device=device)
+
+
+def finetune_storygen(
+    cfg: StorypipeConfig, data_dir: Path, out_dir: Path, split: str = "train", resume: bool = False
+) -> Path:
+    """Train the frame generator's context layers on a VIST-layout folder."""
+    from storygen_ft.train import StoryGenRun, train
+
+    return train(
+        StoryGenRun(cfg.generator, data_dir, out_dir, split=split, resume=resume, resolved_config=cfg)
+    )
+
+
+def load_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> FrameGenerator:
+    import torch
+
+    from storygen_ft.generator import FrameGenerator
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return FrameGenerator.from_config(cfg.generator, device=device)
