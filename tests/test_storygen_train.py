@@ -123,3 +123,14 @@ def test_empty_split_is_a_clear_error(tiny_sd, tmp_path):
     generate_shapestories(data, ToyDataConfig(stories=1, image_size=32))  # val and test are empty
     with pytest.raises(DataError, match="no usable story in split 'test'"):
         train(StoryGenRun(_config(tiny_sd), data, tmp_path / "x", split="test"))
+
+
+def test_gradient_checkpointing_does_not_change_the_losses(tiny_sd, toy_stories, tmp_path):
+    losses = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc-{checkpointing}"
+        train(
+            StoryGenRun(_config(tiny_sd, max_steps=2, gradient_checkpointing=checkpointing), toy_stories, out)
+        )
+        losses.append([record["loss"] for record in read_log(out / "train_log.jsonl")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
