@@ -6,9 +6,6 @@ into a folder first (``build_tiny_llava``) and then load the same way as the rea
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from transformers.models.clip import CLIPImageProcessorPil
 
 from llava_ft.config import CaptionerConfig, TinyLlavaSettings
 from pipeline.errors import StorypipeError
+from pipeline.io import atomic_write_folder
 from pipeline.prompts import IMAGE_TOKEN
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 
@@ -167,15 +165,9 @@ def build_tiny_llava(
         model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    atomic_write_folder(folder, write)
     return folder

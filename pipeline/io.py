@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,3 +49,29 @@ def atomic_save_image(path: str | Path, image: Image.Image, **save_kwargs: Any) 
     """Save a PIL image atomically; the format follows ``path``'s extension."""
     image_format = Image.registered_extensions().get(Path(path).suffix.lower())
     return atomic_write(path, lambda handle: image.save(handle, format=image_format, **save_kwargs))
+
+
+def atomic_write_folder(
+    folder: str | Path, write: Callable[[Path], None], keep_existing_files: bool = False
+) -> Path:
+    """Call ``write(staging)`` on a temporary folder next to ``folder``, then swap it into place.
+
+    With ``keep_existing_files``, files already in ``folder`` that ``write`` did not produce (a run's
+    config and log, say) are carried over. A crash leaves the old folder untouched.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        write(staging)
+        if folder.is_dir() and keep_existing_files:
+            for name in os.listdir(folder):
+                if not (staging / name).exists():
+                    shutil.move(str(folder / name), staging / name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

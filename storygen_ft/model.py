@@ -9,9 +9,6 @@ loads either kind with one call; the UNet's own weights are never modified by th
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from pipeline.errors import StorypipeError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_folder, atomic_write_json
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 from storygen_ft.attention import (
     ContextKind,
@@ -137,31 +134,19 @@ class StoryDiffusion(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the SD components in diffusers format plus the context layers, atomically."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
+
+        def write(staging: Path) -> None:
             save_sd_components(
                 staging, self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
             )
             weights = {
-                name: tensor.detach().contiguous().cpu()
-                for name, tensor in self.context_layers.state_dict().items()
+                name: t.detach().contiguous().cpu() for name, t in self.context_layers.state_dict().items()
             }
             save_file(weights, str(staging / CONTEXT_WEIGHTS))
             atomic_write_json(staging / STORY_MODEL_FILE, {"context": self.context_kind, "format": 1})
-            for name in (
-                os.listdir(folder) if folder.is_dir() else []
-            ):  # keep the run's other files (config, log)
-                if not (staging / name).exists():
-                    shutil.move(str(folder / name), staging / name)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return folder
+
+        # Keep the run's other files (config.yaml, train_log.jsonl) when saving into a run folder.
+        return atomic_write_folder(folder, write, keep_existing_files=True)
 
     # ----------------------------------------------------------------------------------------
     # Training loss
@@ -346,14 +331,6 @@ def build_tiny_diffusion(folder: str | Path, settings: TinyDiffusionSettings) ->
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )  # fmt: skip
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        save_sd_components(staging, vae, text_encoder, tokenizer, unet, scheduler)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return atomic_write_folder(
+        folder, lambda staging: save_sd_components(staging, vae, text_encoder, tokenizer, unet, scheduler)
+    )
