@@ -68,6 +68,41 @@ class ToyDataConfig:
         )
 
 
+@dataclass
+class StoryConfig:
+    """The autoregressive story loop (``storypipe generate``)."""
+
+    frames: int = 5  # including the seed frame; VIST stories have 5
+    seed: int = 0
+    # Repetition guard: a new story caption this similar to an earlier one is resampled with a new seed.
+    repetition_retries: int = 3
+    repetition_threshold: float = 0.8
+    repetition_rule: Literal["token_overlap", "char_ratio"] = "token_overlap"
+    # Seed images outside this range (shorter side, pixels) are resized, with a note.
+    min_seed_side: int = 64
+    max_seed_side: int = 2048
+
+    def __post_init__(self) -> None:
+        _require(
+            MIN_FRAMES <= self.frames <= MAX_FRAMES, "story.frames", f"must be in {MIN_FRAMES}..{MAX_FRAMES}"
+        )
+        _require(self.repetition_retries >= 0, "story.repetition_retries", "must be >= 0")
+        _require(0 < self.repetition_threshold <= 1, "story.repetition_threshold", "must be in (0, 1]")
+        _require(
+            0 < self.min_seed_side <= self.max_seed_side, "story.min_seed_side", "must be in 1..max_seed_side"
+        )
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The real preset's models are too slow for a CPU; it says so instead of silently taking hours.
+    require_gpu: bool = False
+
+
+MIN_FRAMES, MAX_FRAMES = 2, 20
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key} {message}")
@@ -253,6 +288,8 @@ def save_resolved_config(config: Any, folder: str | Path) -> Path:
 
 __all__ = [
     "DataConfig",
+    "RuntimeConfig",
+    "StoryConfig",
     "ToyDataConfig",
     "DEFAULT_PRESET",
     "PRESETS_DIR",

@@ -13,12 +13,21 @@ from typing import TYPE_CHECKING
 
 from eval.config import EvalConfig
 from llava_ft.config import CaptionerConfig
-from pipeline.config import DEFAULT_PRESET, DataConfig, ToyDataConfig, load_config, preset_path
+from pipeline.config import (
+    DEFAULT_PRESET,
+    DataConfig,
+    RuntimeConfig,
+    StoryConfig,
+    ToyDataConfig,
+    load_config,
+    preset_path,
+)
 from pipeline.errors import ConfigError
 from storygen_ft.config import GeneratorConfig
 
 if TYPE_CHECKING:
     from llava_ft.captioners import Captioners
+    from pipeline.orchestrator import Progress, StoryTeller
     from storygen_ft.generator import FrameGenerator
 
 
@@ -31,6 +40,8 @@ class StorypipeConfig:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    story: StoryConfig = field(default_factory=StoryConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def resolve_config(
@@ -61,14 +72,30 @@ def finetune_llava(
     )
 
 
-def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captioners:
-    """Both captioners on one base, on ``device`` (default: CUDA when available)."""
+def resolve_device(cfg: StorypipeConfig) -> str:
+    """``runtime.device``, with ``auto`` meaning CUDA when there is one; refuses a CPU when the preset needs a GPU."""
     import torch
 
+    has_cuda = torch.cuda.is_available()
+    if cfg.runtime.device == "cuda" and not has_cuda:
+        raise ConfigError(
+            "runtime.device is cuda, but no CUDA GPU is available; use --set runtime.device=cpu"
+        )
+    device = cfg.runtime.device if cfg.runtime.device != "auto" else ("cuda" if has_cuda else "cpu")
+    if cfg.runtime.require_gpu and device != "cuda":
+        raise ConfigError(
+            "this preset runs the real models (a 7B LLaVA and SD 1.5) and expects a GPU, but none is available. "
+            "Run on the CPU anyway (slow: minutes per frame) with --set runtime.require_gpu=false, "
+            "or try the tiny models offline with --preset tiny."
+        )
+    return device
+
+
+def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captioners:
+    """Both captioners on one base, on ``device`` (default: from ``runtime``)."""
     from llava_ft.captioners import Captioners
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Captioners.from_config(cfg.captioner, device=device)
+    return Captioners.from_config(cfg.captioner, device=device or resolve_device(cfg))
 
 
 def finetune_storygen(
@@ -83,9 +110,17 @@ def finetune_storygen(
 
 
 def load_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> FrameGenerator:
-    import torch
-
     from storygen_ft.generator import FrameGenerator
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return FrameGenerator.from_config(cfg.generator, device=device)
+    return FrameGenerator.from_config(cfg.generator, device=device or resolve_device(cfg))
+
+
+def build_story_teller(cfg: StorypipeConfig, progress: Progress | None = None) -> StoryTeller:
+    """The story loop with the configured captioners and frame generator on one device."""
+    from pipeline.orchestrator import StoryTeller
+
+    device = resolve_device(cfg)
+    captioners, generator = load_captioners(cfg, device), load_frame_generator(cfg, device)
+    return StoryTeller(
+        captioners, generator, cfg.story, context_frames=cfg.generator.max_references, progress=progress
+    )

@@ -65,6 +65,14 @@ class FrameGenerator:
         )
         return cls(model.to(device), cfg)
 
+    @property
+    def max_references(self) -> int:
+        return self.cfg.max_references
+
+    def exceeds_prompt_limit(self, text: str) -> bool:
+        """True when the text encoder would truncate ``text``."""
+        return self.model.count_text_tokens(text) > self.model.text_max_length
+
     # ----------------------------------------------------------------------------------------
 
     def check_inputs(
@@ -184,8 +192,9 @@ class FrameGenerator:
 
         # 5. Decode.
         image = model.decode_latents(latents)[0]
-        truncated = model.count_text_tokens(description) > model.text_max_length
-        return FrameResult(image, self._evaluations, time.perf_counter() - started, truncated)
+        return FrameResult(
+            image, self._evaluations, time.perf_counter() - started, self.exceeds_prompt_limit(description)
+        )
 
     # ----------------------------------------------------------------------------------------
 
