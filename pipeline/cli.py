@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
+from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -300,6 +303,244 @@ def convert_storysv_command(
         f"Wrote {sum(counts.values())} stories ("
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f") to {out}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stories: generate, edit, insert
+# --------------------------------------------------------------------------------------------
+
+StepsOption = Annotated[
+    int | None, typer.Option("--steps", help="Denoising steps (generator.num_inference_steps).")
+]
+GuidanceOption = Annotated[
+    float | None, typer.Option("--guidance-scale", help="Text guidance (generator.guidance_scale).")
+]
+ImageGuidanceOption = Annotated[
+    float | None,
+    typer.Option("--image-guidance-scale", help="Reference-frame guidance (generator.image_guidance_scale)."),
+]
+TemperatureOption = Annotated[
+    float | None, typer.Option("--temperature", help="Captioner sampling temperature.")
+]
+
+
+def _sampling_overrides(temperature, guidance_scale, image_guidance_scale, steps) -> dict[str, Any]:
+    return {
+        "captioner.temperature": temperature,
+        "generator.guidance_scale": guidance_scale,
+        "generator.image_guidance_scale": image_guidance_scale,
+        "generator.num_inference_steps": steps,
+    }
+
+
+def _story_config(folder: Path, sets: list[str] | None, **options: Any) -> StorypipeConfig:
+    """The config a story folder was made with, plus this command's overrides."""
+    from pipeline.config import RESOLVED_CONFIG_NAME, load_config
+
+    path = folder / RESOLVED_CONFIG_NAME
+    if not path.is_file():
+        raise StorypipeError(
+            f"{path} does not exist: is {folder} a story folder written by `storypipe generate`?"
+        )
+    option_overrides = [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]
+    return load_config(StorypipeConfig, path, [*(sets or []), *option_overrides])
+
+
+def _run_with_progress(teller, work: Callable[[Any], Any]) -> Any:
+    """Run ``work(teller)`` with a two-line progress display: frames, and denoising steps."""
+    from pipeline.orchestrator import Progress as StoryProgress
+
+    with _progress() as progress:
+        frames = progress.add_task("frames", total=None)
+        steps = progress.add_task("denoising", total=None)
+        events = StoryProgress(
+            on_frame=lambda index, total, what: progress.update(frames, completed=index, total=total, description=f"frame {index}: {what}"),
+            on_step=lambda step, total: progress.update(steps, completed=step, total=total),
+            on_note=lambda message: console.print(f"[yellow]note:[/yellow] {message}", highlight=False),
+        )  # fmt: skip
+        teller.progress = events
+        return work(teller)
+
+
+def _report_models(teller) -> None:
+    for task in getattr(teller.captioner, "zero_shot_tasks", ()):
+        console.print(f"[yellow]note:[/yellow] no {task} adapter configured (captioner.{task}_adapter): "
+                      "the base model answers zero-shot. Train one with `make finetune-llava`.")  # fmt: skip
+
+
+def _load_seed_image(path: Path, cfg: StorypipeConfig) -> Image.Image:
+    from pipeline.vist import load_rgb
+
+    if not path.is_file():
+        raise StorypipeError(f"seed image {path} does not exist")
+    image = load_rgb(path)  # any mode -> RGB; a non-image is a clear error
+    shorter, longer = min(image.size), max(image.size)
+    scale = 1.0
+    if shorter < cfg.story.min_seed_side:
+        scale = cfg.story.min_seed_side / shorter
+    elif longer > cfg.story.max_seed_side:
+        scale = cfg.story.max_seed_side / longer
+    if scale != 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        console.print(
+            f"[yellow]note:[/yellow] the seed image is {image.width}x{image.height}; resized to {size[0]}x{size[1]}"
+        )
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    return image
+
+
+def _default_story_folder(caption: str) -> Path:
+    slug = "-".join(re.findall(r"[a-z0-9]+", caption.lower()))[:40].strip("-") or "story"
+    return Path("stories") / slug
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    image: Annotated[Path | None, typer.Option("--image", help="The seed frame's image.")] = None,
+    caption: Annotated[str | None, typer.Option("--caption", help="The seed frame's story caption.")] = None,
+    description: Annotated[
+        str | None,
+        typer.Option(
+            "--description", help="The seed frame's literal description (default: the captioner's)."
+        ),
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option("--frames", help="Frames in the story, the seed included (2..20).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Story folder (default: stories/<caption>).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="The story's seed; the same seed gives the same story.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an interrupted story folder.")
+    ] = None,
+    temperature: TemperatureOption = None,
+    guidance_scale: GuidanceOption = None,
+    image_guidance_scale: ImageGuidanceOption = None,
+    steps: StepsOption = None,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write and draw a story from one seed frame: story captions, descriptions and images, frame by frame."""
+    from pipeline.config import MAX_FRAMES, MIN_FRAMES
+    from pipeline.orchestrator import StoryTeller
+
+    sampling = _sampling_overrides(temperature, guidance_scale, image_guidance_scale, steps)
+    started = time.perf_counter()
+
+    if resume is not None:
+        # 1. Resume: the folder's own config; continue from its last complete frame.
+        cfg = _story_config(resume, set_, **sampling)
+        story = StoryTeller.complete_frames(resume)
+        teller = wiring.build_story_teller(cfg)
+        _report_models(teller)
+        story = _run_with_progress(teller, lambda t: t.continue_story(resume, story))
+        folder = resume
+    else:
+        # 1. Check every input before loading a model or writing a file.
+        if image is None or caption is None:
+            raise typer.BadParameter(
+                "give --image and --caption (or --resume DIR)", param_hint="--image/--caption"
+            )
+        if not caption.strip():
+            raise typer.BadParameter("the caption is empty", param_hint="--caption")
+        if description is not None and not description.strip():
+            raise typer.BadParameter("the description is empty", param_hint="--description")
+        if frames is not None and not MIN_FRAMES <= frames <= MAX_FRAMES:
+            raise typer.BadParameter(
+                f"must be in {MIN_FRAMES}..{MAX_FRAMES}, got {frames}", param_hint="--frames"
+            )
+        cfg = _config(config, preset, set_, **{"story.frames": frames, "story.seed": seed, **sampling})
+        folder = out or _default_story_folder(caption)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise StorypipeError(
+                f"{folder} is not empty; pass --overwrite to replace it, or --resume {folder} to continue it"
+            )
+        seed_image = _load_seed_image(image, cfg)
+
+        # 2. Load the models (a missing one is an error before anything is written).
+        teller = wiring.build_story_teller(cfg)
+        _report_models(teller)
+        for text in (caption, description):
+            if text is not None and teller.illustrator.exceeds_prompt_limit(text):
+                console.print(
+                    f"[yellow]warning:[/yellow] {text!r} is longer than the text encoder reads; it will be truncated"
+                )
+
+        # 3. Write the story.
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        save_resolved_config(cfg, folder)
+        story = _run_with_progress(teller, lambda t: t.tell(folder, seed_image, caption.strip(), description))
+
+    console.print(
+        f"Story of {len(story.frames)} frames in {folder} ({time.perf_counter() - started:.1f}s). "
+        f"Open {folder / 'storyboard.html'}"
+    )
+
+
+@app.command("edit")
+@user_errors
+def edit_command(
+    story: Annotated[Path, typer.Option("--story", help="A story folder.")],
+    frame: Annotated[int, typer.Option("--frame", help="Which frame to edit (0-based).")],
+    caption: Annotated[str, typer.Option("--caption", help="The frame's new story caption.")],
+    strength: Annotated[
+        float | None,
+        typer.Option(help="img2img noise, 0-1; 1.0 regenerates fully (default generator.edit_strength)."),
+    ] = None,
+    propagate: Annotated[
+        bool, typer.Option("--propagate", help="Regenerate the later frames from the edited one.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Replace a frame's story caption and regenerate its description and image; history/ keeps the old ones."""
+    if not caption.strip():
+        raise typer.BadParameter("the caption is empty", param_hint="--caption")
+    cfg = _story_config(story, set_)
+    chosen = cfg.generator.edit_strength if strength is None else strength
+    if not 0 < chosen <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {chosen}", param_hint="--strength")
+    from pipeline.story import Story
+
+    count = len(Story.load(story).frames)
+    if not 0 <= frame < count:
+        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint="--frame")
+    teller = wiring.build_story_teller(cfg)
+    result = _run_with_progress(teller, lambda t: t.edit(story, frame, caption.strip(), chosen, propagate))
+    console.print(
+        f"Edited frame {frame} of {story} ({len(result.frames)} frames). Open {story / 'storyboard.html'}"
+    )
+
+
+@app.command("insert")
+@user_errors
+def insert_command(
+    story: Annotated[Path, typer.Option("--story", help="A story folder.")],
+    after: Annotated[int, typer.Option("--after", help="Insert the new panel after this frame (0-based).")],
+    caption: Annotated[str, typer.Option("--caption", help="The new panel's story caption.")],
+    set_: SetOption = None,
+) -> None:
+    """Add a panel between two frames, conditioned on the frames before it, and renumber the rest."""
+    if not caption.strip():
+        raise typer.BadParameter("the caption is empty", param_hint="--caption")
+    cfg = _story_config(story, set_)
+    from pipeline.story import Story
+
+    count = len(Story.load(story).frames)
+    if not 0 <= after < count:
+        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint="--after")
+    teller = wiring.build_story_teller(cfg)
+    result = _run_with_progress(teller, lambda t: t.insert(story, after, caption.strip()))
+    console.print(
+        f"Inserted frame {after + 1} into {story} ({len(result.frames)} frames). Open {story / 'storyboard.html'}"
     )
 
 
