@@ -8,7 +8,7 @@ PIP     := $(PY) -m pip
 # nltk looks in $(sys.prefix)/nltk_data, so WordNet installed there needs no environment variable.
 NLTK_DATA_DIR := $(VENV)/nltk_data
 
-.PHONY: install test lint wordnet clean finetune-llava finetune-storygen
+.PHONY: install test lint wordnet clean finetune-llava finetune-storygen eval
 
 # Training and evaluation entry points. Override on the command line, e.g.
 #   make finetune-llava LLAVA_DATA=data/llava-10k
@@ -17,6 +17,7 @@ PRESET     ?= vist
 STORYPIPE  ?= $(VENV)/bin/storypipe
 LLAVA_DATA ?= data/llava
 STORY_DATA ?= data/vist
+EVAL_DATA  ?= $(STORY_DATA)
 RUNS       ?= runs
 RESUME     ?=
 
@@ -62,3 +63,8 @@ finetune-llava:
 # The frame generator's context layers, on a VIST-layout folder (descriptions as captions).
 finetune-storygen:
 	$(STORYPIPE) finetune-storygen --data $(STORY_DATA) --out $(RUNS)/storygen --preset $(PRESET) $(RESUME)
+
+# The papers' metric tables on EVAL_DATA's test split, into $(RUNS)/eval-$(PRESET)/results.md.
+# Several GPUs: make eval STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m pipeline.cli"
+eval:
+	$(STORYPIPE) eval --data $(EVAL_DATA) --out $(RUNS)/eval-$(PRESET) --preset $(PRESET)

@@ -7,11 +7,12 @@ stage owns.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eval.config import EvalConfig
+from eval.config import ClassifierTrainConfig, EvalConfig
 from llava_ft.config import CaptionerConfig
 from pipeline.config import (
     DEFAULT_PRESET,
@@ -40,6 +41,7 @@ class StorypipeConfig:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
     story: StoryConfig = field(default_factory=StoryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -124,3 +126,107 @@ def build_story_teller(cfg: StorypipeConfig, progress: Progress | None = None) -
     return StoryTeller(
         captioners, generator, cfg.story, context_frames=cfg.generator.max_references, progress=progress
     )
+
+
+def run_eval(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict | None:
+    """`storypipe eval`: the systems under test from the captioner and generator sections, the measuring
+    models from the eval section. Under `accelerate launch` each process takes every n-th story."""
+    import torch
+    from accelerate import PartialState
+    from PIL import Image
+
+    from eval.baselines import ImageToTextBaseline, TextOnlyBaseline
+    from eval.runner import EvalModels, StoryFrames, evaluate, select_stories
+    from pipeline.config import save_resolved_config
+    from pipeline.orchestrator import StoryTeller
+    from pipeline.story_folder import load_frame_image
+
+    state = PartialState()
+    ecfg = cfg.eval
+    # 1. Inputs first: the stories (a clear error for an empty split) and the device.
+    stories = select_stories(Path(data_dir), ecfg, cfg.data.story_length)
+    device = str(state.device) if torch.cuda.is_available() else resolve_device(cfg)
+    if ecfg.build_tiny_models:
+        _build_missing_tiny_eval_models(cfg)
+
+    # 2. The measuring models (main process), loaded before any generation so a bad path fails fast.
+    measures = _load_measures(cfg, device) if state.is_main_process else None
+
+    # 3. The systems under test.
+    captioners, generator = load_captioners(cfg, device), load_frame_generator(cfg, device)
+
+    def tell_story(
+        folder: Path, seed_image: Image.Image, caption: str, frames: int, seed: int
+    ) -> StoryFrames:
+        story_cfg = dataclasses.replace(cfg.story, frames=frames, seed=seed)
+        teller = StoryTeller(captioners, generator, story_cfg, context_frames=cfg.generator.max_references)
+        folder.mkdir(parents=True, exist_ok=True)
+        story = teller.tell(folder, seed_image, caption)
+        return StoryFrames(
+            captions=[f.story_caption for f in story.frames],
+            descriptions=[f.description or "" for f in story.frames],
+            images=[load_frame_image(folder, f.image) for f in story.frames],
+        )
+
+    models = EvalModels(
+        captioners=captioners,
+        illustrator=generator,
+        tell_story=tell_story,
+        caption_baseline=ImageToTextBaseline.load(ecfg.caption_baseline_model, device)
+        if ecfg.caption_baseline_model
+        else None,
+        text_baseline=TextOnlyBaseline.load(ecfg.text_baseline_model, device)
+        if ecfg.text_baseline_model
+        else None,
+    )
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, out_dir)
+    return evaluate(
+        stories, data_dir, out_dir, ecfg, models, measures,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
+        progress=progress,
+    )  # fmt: skip
+
+
+def train_classifier(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
+    """The character/background classifier for Make-A-Story's accuracy and F1."""
+    from eval.classifier import train_classifier as train
+
+    return train(data_dir, out_dir, cfg.classifier, progress=progress)
+
+
+def _load_measures(cfg: StorypipeConfig, device: str):
+    from eval.classifier import FrameClassifier
+    from eval.detector import ObjectCounter
+    from eval.image_metrics import ClipSimilarity
+    from eval.scoring import Measures
+    from eval.text_metrics import SentenceSimilarity, resolve_model_reference
+
+    ecfg = cfg.eval
+    return Measures(
+        sentence=SentenceSimilarity.load(resolve_model_reference(ecfg.sentence_model), device=device),
+        clip=ClipSimilarity.load(ecfg.clip_model, device=device),
+        detector=ObjectCounter.load(ecfg.detector_model, ecfg.detector_threshold, device=device)
+        if ecfg.detector_model
+        else None,
+        classifier=FrameClassifier.from_pretrained(ecfg.classifier_model) if ecfg.classifier_model else None,
+        kl_epsilon=ecfg.kl_epsilon,
+        fid_resize=ecfg.fid_resize,
+    )
+
+
+def _build_missing_tiny_eval_models(cfg: StorypipeConfig) -> None:
+    """The tiny preset's measuring models and baselines, built offline into folders that do not exist yet."""
+    from eval.baselines import build_tiny_causal_lm
+    from eval.tiny_models import build_tiny_clip, build_tiny_detector
+
+    ecfg = cfg.eval
+    if not Path(ecfg.clip_model, "config.json").is_file():
+        build_tiny_clip(ecfg.clip_model)
+    if ecfg.detector_model and not Path(ecfg.detector_model, "config.json").is_file():
+        build_tiny_detector(ecfg.detector_model)
+    if ecfg.text_baseline_model and not Path(ecfg.text_baseline_model, "config.json").is_file():
+        build_tiny_causal_lm(ecfg.text_baseline_model)

@@ -221,7 +221,8 @@ def test_insert_renumbers_and_keeps_history(tmp_path):
     assert (tmp_path / "history" / "001-insert-after-01" / "story.json").is_file()
     html = (tmp_path / "storyboard.html").read_text()
     assert (
-        all(f'href="frames/frame_0{i}.png"' in html for i in range(5)) and "Suddenly a clown appeared." in html
+        all(f'href="frames/frame_0{i}.png"' in html for i in range(5))
+        and "Suddenly a clown appeared." in html
     )
 
 

@@ -1,0 +1,127 @@
+"""`storypipe eval` on tiny models: every table filled, resumable from its cache, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from eval.report import IMAGE_ROWS, TEXT_ROWS
+from pipeline.cli import app
+from pipeline.config import ToyDataConfig
+from pipeline.shapestories import generate_shapestories
+
+runner = CliRunner()
+TEXT_METHODS = ("ours_story_next", "ours_description", "ours_ar", "caption_baseline", "text_baseline")
+IMAGE_METHODS = (
+    "gt",
+    "sd_no_context",
+    "story_captions_no_context",
+    "story_captions_refs",
+    "ours_non_ar",
+    "ours_ar",
+)
+IMAGE_COLUMNS = ("text_image", "previous_image", "total_story", "objects_per_image",
+                 "character_accuracy", "character_f1", "background_accuracy", "background_f1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eval_options(tmp_path_factory, tiny_llava, tiny_sd, toy_stories):
+    """The tiny preset pointed at the session's tiny models, a classifier trained through the CLI, and
+    tiny measuring models built on first use."""
+    models = tmp_path_factory.mktemp("eval-models")
+    classifier = models / "classifier"
+    result = runner.invoke(app, ["train-classifier", "--data", str(toy_stories), "--out", str(classifier), "--preset", "tiny",
+                                 "--set", "classifier.max_steps=5", "--set", "classifier.image_size=32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Use it with: --set eval.classifier_model=" in result.output
+    settings = {
+        "captioner.base_model": tiny_llava, "generator.base_model": tiny_sd, "captioner.max_new_tokens": 6,
+        "generator.num_inference_steps": 2, "eval.clip_model": models / "clip", "eval.detector_model": models / "detector",
+        "eval.caption_baseline_model": tiny_llava, "eval.text_baseline_model": models / "lm",
+        "eval.classifier_model": classifier, "story.repetition_retries": 0,
+    }  # fmt: skip
+    return [
+        "--preset",
+        "tiny",
+        "--split",
+        "train",
+        *(a for key, value in settings.items() for a in ("--set", f"{key}={value}")),
+    ]
+
+
+def eval_cli(data, out, options, *extra):
+    return runner.invoke(app, ["eval", "--data", str(data), "--out", str(out), *options, *extra])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, eval_options, toy_stories):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    result = eval_cli(toy_stories, out, eval_options, "--max-stories", "2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_every_table_is_filled(evaluated):
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["stories"] == 2
+    for method in TEXT_METHODS:
+        row = results["text"][method]
+        assert row["samples"] == 8, method
+        assert all(isinstance(row[key], float) for key in ("meteor", "sentence_similarity", "clip")), method
+    for method in IMAGE_METHODS:
+        row = results["images"][method]
+        assert row["frames"] == 8, method
+        assert all(isinstance(row[key], float) for key in IMAGE_COLUMNS), method
+        if method != "gt":
+            assert all(isinstance(row[key], float) for key in ("gt_image", "fid", "kid")), method
+            assert "(< 2048)" in row["fid_note"]  # too few samples for a reliable FID: said so
+    for name in ("sis", "ours_ar", "caption_baseline", "text_baseline"):
+        assert isinstance(results["intrinsic"][name]["kl_vs_dii"], float)
+        assert isinstance(results["intrinsic"][name]["pronouns_per_story"], float)
+    markdown = (evaluated / "results.md").read_text()
+    for heading in (
+        "## Text",
+        "## Images",
+        "## Intrinsic",
+        "Story captions + reference conditioning",
+        "Ours: fully autoregressive",
+    ):
+        assert heading in markdown
+    for label in [*TEXT_ROWS.values(), *IMAGE_ROWS.values()]:
+        assert f"| {label} |" in markdown, label
+    assert (evaluated / "word_distribution.png").is_file() and (evaluated / "object_counts.png").is_file()
+    assert len(list((evaluated / "stories").iterdir())) == 2  # the autoregressive stories, as story folders
+
+
+def test_a_rerun_reuses_the_cache(evaluated, eval_options, toy_stories):
+    cache = sorted((evaluated / "cache").iterdir())
+    stamps = [path.stat().st_mtime_ns for path in cache]
+    before = json.loads((evaluated / "results.json").read_text())
+    result = eval_cli(toy_stories, evaluated, eval_options, "--max-stories", "2")
+    assert result.exit_code == 0, result.output
+    assert [path.stat().st_mtime_ns for path in cache] == stamps  # nothing regenerated
+    assert json.loads((evaluated / "results.json").read_text())["text"] == before["text"]
+
+
+def test_a_missing_generated_frame_is_a_clear_error(evaluated, eval_options, toy_stories, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    victim = next((copy / "images" / "ours_non_ar").iterdir())
+    victim.unlink()
+    result = eval_cli(toy_stories, copy, eval_options, "--max-stories", "2")
+    assert (
+        result.exit_code == 2 and victim.name in result.output and "rerun to regenerate it" in result.output
+    )
+
+
+def test_an_empty_split_and_a_missing_model_are_clear_errors(eval_options, tmp_path):
+    data = tmp_path / "one"
+    generate_shapestories(data, ToyDataConfig(stories=1, image_size=32))  # val and test are empty
+    result = eval_cli(data, tmp_path / "o", eval_options, "--split", "test")
+    assert result.exit_code == 2 and "no usable story in split 'test'" in result.output
+    result = eval_cli(data, tmp_path / "o", eval_options, "--set", "eval.build_tiny_models=false",
+                      "--set", f"eval.clip_model={tmp_path / 'no-clip'}")  # fmt: skip
+    assert result.exit_code == 2 and "no-clip" in result.output
