@@ -486,6 +486,21 @@ def generate_command(
     )
 
 
+def _open_story_for_change(
+    story: Path, caption: str, position: int, option: str, sets: list[str] | None
+) -> StorypipeConfig:
+    """Check an edit or insertion before any model loads: the caption, the folder, the frame position."""
+    from pipeline.story import Story
+
+    if not caption.strip():
+        raise typer.BadParameter("the caption is empty", param_hint="--caption")
+    cfg = _story_config(story, sets)
+    count = len(Story.load(story).frames)
+    if not 0 <= position < count:
+        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint=option)
+    return cfg
+
+
 @app.command("edit")
 @user_errors
 def edit_command(
@@ -502,17 +517,10 @@ def edit_command(
     set_: SetOption = None,
 ) -> None:
     """Replace a frame's story caption and regenerate its description and image; history/ keeps the old ones."""
-    if not caption.strip():
-        raise typer.BadParameter("the caption is empty", param_hint="--caption")
-    cfg = _story_config(story, set_)
+    cfg = _open_story_for_change(story, caption, frame, "--frame", set_)
     chosen = cfg.generator.edit_strength if strength is None else strength
     if not 0 < chosen <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {chosen}", param_hint="--strength")
-    from pipeline.story import Story
-
-    count = len(Story.load(story).frames)
-    if not 0 <= frame < count:
-        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint="--frame")
     teller = wiring.build_story_teller(cfg)
     result = _run_with_progress(teller, lambda t: t.edit(story, frame, caption.strip(), chosen, propagate))
     console.print(
@@ -529,14 +537,7 @@ def insert_command(
     set_: SetOption = None,
 ) -> None:
     """Add a panel between two frames, conditioned on the frames before it, and renumber the rest."""
-    if not caption.strip():
-        raise typer.BadParameter("the caption is empty", param_hint="--caption")
-    cfg = _story_config(story, set_)
-    from pipeline.story import Story
-
-    count = len(Story.load(story).frames)
-    if not 0 <= after < count:
-        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint="--after")
+    cfg = _open_story_for_change(story, caption, after, "--after", set_)
     teller = wiring.build_story_teller(cfg)
     result = _run_with_progress(teller, lambda t: t.insert(story, after, caption.strip()))
     console.print(

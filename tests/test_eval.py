@@ -9,20 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from eval.report import IMAGE_ROWS, TEXT_ROWS
+from eval.runner import IMAGE_METHODS, TEXT_METHODS
 from pipeline.cli import app
 from pipeline.config import ToyDataConfig
 from pipeline.shapestories import generate_shapestories
 
 runner = CliRunner()
-TEXT_METHODS = ("ours_story_next", "ours_description", "ours_ar", "caption_baseline", "text_baseline")
-IMAGE_METHODS = (
-    "gt",
-    "sd_no_context",
-    "story_captions_no_context",
-    "story_captions_refs",
-    "ours_non_ar",
-    "ours_ar",
-)
 IMAGE_COLUMNS = ("text_image", "previous_image", "total_story", "objects_per_image",
                  "character_accuracy", "character_f1", "background_accuracy", "background_f1")  # fmt: skip
 
