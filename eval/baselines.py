@@ -21,7 +21,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from pipeline.errors import StorypipeError
+from pipeline.errors import StorypipeError, model_load_error
 from pipeline.io import atomic_write_folder
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 
@@ -37,13 +37,12 @@ def _first_line(text: str) -> str:
 
 
 def _load_error(name_or_path: str, what: str, exc: Exception) -> StorypipeError:
-    where = (
-        "is not a local folder, and as a hub id"
-        if not Path(name_or_path).exists()
-        else "is a local folder, but"
+    return model_load_error(
+        what,
+        name_or_path,
+        exc,
+        "Set the eval config key to a local folder, or to null to skip this baseline.",
     )
-    return StorypipeError(f"could not load the {what} {name_or_path!r}: it {where} it failed to load ({exc}). "
-                          f"Set the eval config key to a local folder, or to null to skip this baseline.")  # fmt: skip
 
 
 class ImageToTextBaseline:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-from pipeline.errors import StorypipeError
+from pipeline.errors import model_load_error
 
 
 @dataclass
@@ -45,15 +45,12 @@ class ObjectCounter:
             processor = AutoImageProcessor.from_pretrained(name_or_path)
             model = AutoModelForObjectDetection.from_pretrained(name_or_path)
         except (OSError, ValueError, ImportError) as exc:
-            where = (
-                "is not a local folder, and as a hub id"
-                if not Path(name_or_path).exists()
-                else "is a local folder, but"
-            )
-            raise StorypipeError(
-                f"could not load the object detector {str(name_or_path)!r}: it {where} it failed to load "
-                f"({exc}).\nSet eval.detector_model to a local detector folder or a reachable hub id "
-                "(a backbone-free one such as YOLOS needs neither timm nor torchvision), or null to skip."
+            raise model_load_error(
+                "object detector",
+                name_or_path,
+                exc,
+                "Set eval.detector_model to a local detector folder or a reachable hub id (a backbone-free one "
+                "such as YOLOS needs neither timm nor torchvision), or null to skip.",
             ) from exc
         device = torch.device(device)
         model.requires_grad_(False)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-from pipeline.errors import StorypipeError
+from pipeline.errors import model_load_error
 
 
 def pooled_features(output: Any) -> torch.Tensor:
@@ -56,15 +56,12 @@ class ClipSimilarity:
             processor = AutoProcessor.from_pretrained(name_or_path)
             model = CLIPModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:
-            where = (
-                "is not a local folder, and as a hub id"
-                if not Path(name_or_path).exists()
-                else "is a local folder, but"
-            )
-            raise StorypipeError(
-                f"could not load the CLIP model {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n"
+            raise model_load_error(
+                "CLIP model",
+                name_or_path,
+                exc,
                 "Set eval.clip_model to a local CLIP folder or a reachable hub id "
-                "(the papers use openai/clip-vit-base-patch32)."
+                "(the papers use openai/clip-vit-base-patch32).",
             ) from exc
         device = torch.device(device)
         model.requires_grad_(False)

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.clip import CLIPImageProcessorPil
 
 from llava_ft.config import CaptionerConfig, TinyLlavaSettings
-from pipeline.errors import StorypipeError
+from pipeline.errors import model_load_error
 from pipeline.io import atomic_write_folder
 from pipeline.prompts import IMAGE_TOKEN
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
@@ -83,15 +83,12 @@ def load_llava(
             device_map={"": torch.device(device) if device is not None else "cpu"} if load_in_4bit else None,
         )
     except (OSError, ValueError) as exc:
-        where = (
-            "is not a local folder, and as a hub id"
-            if not Path(name_or_path).exists()
-            else "is a local folder, but"
-        )
-        raise StorypipeError(
-            f"could not load the LLaVA base {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n"
+        raise model_load_error(
+            "LLaVA base",
+            name_or_path,
+            exc,
             "Set captioner.base_model to a local model folder or a reachable hub id, "
-            "or use --preset tiny to build a tiny base offline."
+            "or use --preset tiny to build a tiny base offline.",
         ) from exc
     if device is not None and not load_in_4bit:
         model.to(device)

@@ -53,6 +53,7 @@ ConfigOption = Annotated[
 PresetOption = Annotated[
     str | None, typer.Option("--preset", help="A preset name: a file configs/NAME.yaml (default: vist).")
 ]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set data.image_size=256. Repeatable."),
@@ -190,9 +191,7 @@ def finetune_llava_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Adapter folder (default: runs/llava-TASK).")
     ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
-    ] = False,
+    resume: ResumeOption = False,
     config: ConfigOption = None,
     preset: PresetOption = None,
     set_: SetOption = None,
@@ -253,9 +252,7 @@ def finetune_storygen_command(
     ],
     split: Annotated[str, typer.Option(help="Which split to train on.")] = "train",
     out: Annotated[Path, typer.Option("--out", help="Output model folder.")] = Path("runs/storygen"),
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
-    ] = False,
+    resume: ResumeOption = False,
     config: ConfigOption = None,
     preset: PresetOption = None,
     set_: SetOption = None,

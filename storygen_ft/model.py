@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from pipeline.errors import StorypipeError
+from pipeline.errors import StorypipeError, model_load_error
 from pipeline.io import atomic_write_folder, atomic_write_json
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 from storygen_ft.attention import (
@@ -118,13 +118,12 @@ class StoryDiffusion(nn.Module):
             unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
             sampler = SCHEDULER_CLASSES[scheduler].from_pretrained(name_or_path, subfolder="scheduler")
         except (OSError, ValueError) as exc:
-            where = (
-                "is not a local folder, and as a hub id" if not folder.exists() else "is a local folder, but"
-            )
-            raise StorypipeError(
-                f"could not load the diffusion model {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n"
+            raise model_load_error(
+                "diffusion model",
+                name_or_path,
+                exc,
                 "Set generator.base_model to an SD 1.5-layout folder or a reachable hub id, train one with "
-                "`make finetune-storygen`, or use --preset tiny to build a tiny model offline."
+                "`make finetune-storygen`, or use --preset tiny to build a tiny model offline.",
             ) from exc
         model = cls(vae, text_encoder, tokenizer, unet, sampler, kind)
         if saved is not None:
