@@ -35,6 +35,7 @@ from eval.report import write_results
 from eval.scoring import Measures, score_images, score_intrinsic, score_text
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
+from pipeline.orchestrator import FrameIllustrator
 from pipeline.vist import VistStory, load_vist_split
 
 CACHE_DIR = "cache"
@@ -70,18 +71,6 @@ class Captioners(Protocol):
     ) -> list[str]: ...
 
 
-class Illustrator(Protocol):
-    max_references: int
-
-    def generate(
-        self,
-        description: str,
-        context_images: Sequence[Image.Image] = (),
-        context_descriptions: Sequence[str] = (),
-        seed: int = 0,
-    ): ...
-
-
 @dataclass
 class StoryFrames:
     captions: list[str]
@@ -94,7 +83,7 @@ class EvalModels:
     """The systems under test; any may be None, and its rows are then skipped."""
 
     captioners: Captioners | None = None
-    illustrator: Illustrator | None = None
+    illustrator: FrameIllustrator | None = None
     # The whole pipeline from a seed frame: (story folder, seed image, seed caption, frames, seed) -> the story.
     tell_story: Callable[[Path, Image.Image, str, int, int], StoryFrames] | None = None
     caption_baseline: Callable[[Sequence[Image.Image]], list[str]] | None = None

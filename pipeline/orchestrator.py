@@ -51,6 +51,8 @@ class GeneratedImage(Protocol):
 
 
 class FrameIllustrator(Protocol):
+    max_references: int  # K: the most previous frames it reads
+
     def generate(
         self,
         description: str,

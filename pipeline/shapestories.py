@@ -30,15 +30,13 @@ from typing import Any, Literal
 from PIL import Image, ImageDraw
 
 from pipeline.config import ToyDataConfig
-from pipeline.io import atomic_save_image, atomic_write_json
+from pipeline.io import atomic_save_image
 from pipeline.vist import (
     SPLITS,
     dii_annotation,
-    dii_path,
     images_dir,
     sis_annotation,
-    sis_path,
-    vist_document,
+    write_vist_split,
 )
 
 RGB = tuple[int, int, int]
@@ -65,8 +63,6 @@ FIRST_STORY_ID = 1000
 FIRST_ALBUM_ID = 100000
 FIRST_PHOTO_ID = 500000
 IMAGE_SUFFIX = ".png"
-SIS_TIER = "story-in-sequence"
-DII_TIER = "descriptions-in-isolation"
 
 # --------------------------------------------------------------------------------------------
 # Colours: characters are saturated, backgrounds muted, decorations white/grey/black (+ a muted tree)
@@ -525,6 +521,5 @@ def generate_shapestories(
             story_number += 1
             if progress is not None:
                 progress(1)
-        atomic_write_json(sis_path(out, split), vist_document(sis, images, albums, SIS_TIER))
-        atomic_write_json(dii_path(out, split), vist_document(dii, images, albums, DII_TIER))
+        write_vist_split(out, split, sis, dii, images, albums)
     return sizes

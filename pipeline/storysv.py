@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.io import atomic_save_image, atomic_write_json
+from pipeline.io import atomic_save_image
 from pipeline.referential import (
     FLINTSTONES_ALIASES,
     FLINTSTONES_PRONOUNS,
@@ -56,11 +56,9 @@ from pipeline.referential import (
 from pipeline.vist import (
     SPLITS,
     dii_annotation,
-    dii_path,
     images_dir,
     sis_annotation,
-    sis_path,
-    vist_document,
+    write_vist_split,
 )
 
 Dataset = Literal["flintstones", "pororo"]
@@ -68,8 +66,6 @@ DATASETS: tuple[str, ...] = ("flintstones", "pororo")
 STORY_LENGTH = 5  # a frame and its 4 followings
 FOLLOWING_FRAMES = STORY_LENGTH - 1
 IMAGE_SUFFIX = ".png"
-SIS_TIER = "story-in-sequence"
-DII_TIER = "descriptions-in-isolation"
 MISSING_EXAMPLES = 3  # missing frames named in an error message
 
 # --------------------------------------------------------------------------------------------
@@ -206,8 +202,7 @@ def convert_storysv(
                     albums.append({"id": frame.album_id, "title": f"{dataset} {frame.album_id}"})
             if progress is not None:
                 progress(1)
-        atomic_write_json(sis_path(out, split), vist_document(sis, images, albums, SIS_TIER))
-        atomic_write_json(dii_path(out, split), vist_document(dii, images, albums, DII_TIER))
+        write_vist_split(out, split, sis, dii, images, albums)
         counts[split] = len(source.stories[split])
     return counts
 

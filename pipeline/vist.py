@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.errors import DataError
+from pipeline.io import atomic_write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -361,6 +362,23 @@ def vist_document(annotations: list[list[dict]], images: list[dict], albums: lis
         "images": images,
         "annotations": annotations,
     }
+
+
+SIS_TIER = "story-in-sequence"
+DII_TIER = "descriptions-in-isolation"
+
+
+def write_vist_split(
+    root: str | Path,
+    split: str,
+    sis: list[list[dict]],
+    dii: list[list[dict]],
+    images: list[dict],
+    albums: list[dict],
+) -> None:
+    """Write one split's SIS and DII files (atomically), both carrying the same image and album lists."""
+    atomic_write_json(sis_path(root, split), vist_document(sis, images, albums, SIS_TIER))
+    atomic_write_json(dii_path(root, split), vist_document(dii, images, albums, DII_TIER))
 
 
 def _vist_tokenised(text: str) -> str:
