@@ -8,7 +8,7 @@ PIP     := $(PY) -m pip
 # nltk looks in $(sys.prefix)/nltk_data, so WordNet installed there needs no environment variable.
 NLTK_DATA_DIR := $(VENV)/nltk_data
 
-.PHONY: install test lint wordnet clean finetune-llava finetune-storygen eval
+.PHONY: install test lint wordnet clean finetune-llava finetune-storygen eval toy toy-data demo
 
 # Training and evaluation entry points. Override on the command line, e.g.
 #   make finetune-llava LLAVA_DATA=data/llava-10k
@@ -17,9 +17,19 @@ PRESET     ?= vist
 STORYPIPE  ?= $(VENV)/bin/storypipe
 LLAVA_DATA ?= data/llava
 STORY_DATA ?= data/vist
-EVAL_DATA  ?= $(STORY_DATA)
 RUNS       ?= runs
 RESUME     ?=
+# The toy models (ShapeStories, trained on a CPU): `make toy` rebuilds them, `make demo` tells a story.
+TOY_MODELS ?= models/toy
+TOY_RUNS   ?= $(RUNS)/toy
+TOY_DATA   := $(TOY_RUNS)/data
+DEMO_IMAGE ?= examples/seed.png
+DEMO_CAPTION ?= Rosa waved hello in the green meadow.
+ifeq ($(PRESET),toy)
+EVAL_DATA  ?= $(TOY_DATA)
+else
+EVAL_DATA  ?= $(STORY_DATA)
+endif
 
 install: $(VENV)/.installed wordnet
 
@@ -66,5 +76,21 @@ finetune-storygen:
 
 # The papers' metric tables on EVAL_DATA's test split, into $(RUNS)/eval-$(PRESET)/results.md.
 # Several GPUs: make eval STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m pipeline.cli"
-eval:
+eval: $(if $(filter toy,$(PRESET)),$(TOY_DATA)/sis)
 	$(STORYPIPE) eval --data $(EVAL_DATA) --out $(RUNS)/eval-$(PRESET) --preset $(PRESET)
+
+# Every toy model from scratch on the CPU (about 30 minutes on 2 cores); see scripts/make-toy.sh.
+toy: $(VENV)/.installed
+	STORYPIPE=$(STORYPIPE) TOY_MODELS=$(TOY_MODELS) TOY_RUNS=$(TOY_RUNS) bash scripts/make-toy.sh
+
+# The toy dataset alone (ShapeStories is deterministic: the same seed gives the same bytes).
+toy-data: $(TOY_DATA)/sis
+
+$(TOY_DATA)/sis:
+	$(STORYPIPE) toy-data --out $(TOY_DATA) --preset toy
+
+# A 5-frame story from the shipped toy models, offline on the CPU.
+demo:
+	HF_HUB_OFFLINE=1 $(STORYPIPE) generate --preset toy --image $(DEMO_IMAGE) --caption "$(DEMO_CAPTION)" \
+		--out stories/demo --overwrite
+	@echo "Storyboard: $(CURDIR)/stories/demo/storyboard.html"

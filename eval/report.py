@@ -35,6 +35,8 @@ IMAGE_ROWS = {
     "story_captions_refs": "Story captions + reference conditioning",
     "ours_non_ar": "Ours: descriptions + GT references (non-autoregressive)",
     "ours_ar": "Ours: fully autoregressive",
+    "memory_story_captions_refs": "Memory attention: story captions + GT references",
+    "memory_non_ar": "Memory attention: descriptions + GT references (non-autoregressive)",
 }
 INTRINSIC_ROWS = {"sis": "SIS (ground truth)", "ours_ar": "Ours: autoregressive", "caption_baseline": "Image-to-text baseline",
                   "text_baseline": "Text-only LM baseline"}  # fmt: skip
@@ -70,6 +72,24 @@ def results_markdown(results: dict) -> str:
             [[k, *(_cell(v) for v in vals)] for k, vals in PAPER_TEXT.items()],
         )
     )
+
+    described = text.get("ours_description", {})
+    if described.get("character_frames"):
+        parts.append("\n## Referential accuracy of the descriptions (ShapeStories)\n")
+        parts.append(
+            _table(
+                ["Frames", "Description names exactly the true characters (%)", "n"],
+                [
+                    ["SIS k+1 says only he / she / they", _cell(described["pronoun_resolution"], True),
+                     str(described["pronoun_frames"])],
+                    ["All frames", _cell(described["character_named"], True), str(described["character_frames"])],
+                ],
+            )
+        )  # fmt: skip
+        parts.append(
+            "\nThe description captioner's description of frame k+1 (from GT image k and SIS k, k+1) counts "
+            "when it names exactly frame k+1's characters by colour and shape, and no other character.\n"
+        )
 
     parts.append("\n## Images\n")
     rows = []

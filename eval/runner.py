@@ -18,6 +18,11 @@ Image methods (frames 1..n-1; the seed frame is GT):
   story_captions_refs        story captions + reference conditioning
   ours_non_ar                descriptions + GT reference frames
   ours_ar                    the whole pipeline from the seed frame
+  memory_story_captions_refs story captions + GT references, Make-A-Story's memory-attention generator
+  memory_non_ar              descriptions + GT references, the memory-attention generator
+The two memory rows need ``eval.memory_generator_model``. On ShapeStories, ``ours_description`` also gets
+referential scores (:mod:`eval.referential_metrics`): does a description name the characters that the
+next story caption only calls "he", "she" or "they"?
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from PIL import Image
 
 from eval.config import EvalConfig
 from eval.report import write_results
+from eval.scoring import IMAGE_METHODS as IMAGE_METHODS  # re-exported: the image methods, in table order
 from eval.scoring import Measures, score_images, score_intrinsic, score_text
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
@@ -42,14 +48,6 @@ CACHE_DIR = "cache"
 IMAGES_DIR = "images"
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
 TEXT_METHODS = ("ours_story_next", "ours_description", "ours_ar", "caption_baseline", "text_baseline")
-IMAGE_METHODS = (
-    "gt",
-    "sd_no_context",
-    "story_captions_no_context",
-    "story_captions_refs",
-    "ours_non_ar",
-    "ours_ar",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +82,8 @@ class EvalModels:
 
     captioners: Captioners | None = None
     illustrator: FrameIllustrator | None = None
+    # A frame generator with Make-A-Story's memory attention instead of StoryGen's context branch.
+    memory_illustrator: FrameIllustrator | None = None
     # The whole pipeline from a seed frame: (story folder, seed image, seed caption, frames, seed) -> the story.
     tell_story: Callable[[Path, Image.Image, str, int, int], StoryFrames] | None = None
     caption_baseline: Callable[[Sequence[Image.Image]], list[str]] | None = None
@@ -137,23 +137,23 @@ def generate_story_outputs(
 
     # 2. Images, non-autoregressive: GT previous frames as references.
     record["images"]["gt"] = [str(Path(frame.image_path)) for frame in story.frames[1:]]
+    # method -> (illustrator, prompts, with GT references)
+    variants: dict[str, tuple[FrameIllustrator, list[str], bool]] = {}
     if models.illustrator is not None:
-        window = models.illustrator.max_references
-        variants = {
-            "sd_no_context": (descriptions, False),
-            "story_captions_no_context": (captions, False),
-            "story_captions_refs": (captions, True),
-            "ours_non_ar": (descriptions, True),
-        }
-        for method, (prompts, with_refs) in variants.items():
-            paths = []
-            for k in range(1, n):
-                start = max(0, k - window) if with_refs else k
-                result = models.illustrator.generate(
-                    prompts[k], images[start:k], prompts[start:k], seed=cfg.seed + k
-                )
-                paths.append(save(method, k, result.image))
-            record["images"][method] = paths
+        variants["sd_no_context"] = (models.illustrator, descriptions, False)
+        variants["story_captions_no_context"] = (models.illustrator, captions, False)
+        variants["story_captions_refs"] = (models.illustrator, captions, True)
+        variants["ours_non_ar"] = (models.illustrator, descriptions, True)
+    if models.memory_illustrator is not None:
+        variants["memory_story_captions_refs"] = (models.memory_illustrator, captions, True)
+        variants["memory_non_ar"] = (models.memory_illustrator, descriptions, True)
+    for method, (illustrator, prompts, with_refs) in variants.items():
+        paths = []
+        for k in range(1, n):
+            start = max(0, k - illustrator.max_references) if with_refs else k
+            result = illustrator.generate(prompts[k], images[start:k], prompts[start:k], seed=cfg.seed + k)
+            paths.append(save(method, k, result.image))
+        record["images"][method] = paths
 
     # 3. The whole pipeline, autoregressive from the seed frame.
     if models.tell_story is not None and "autoregressive" in cfg.image_modes:

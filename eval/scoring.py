@@ -25,8 +25,21 @@ from eval.image_metrics import (
     previous_image_similarity,
     total_story_similarity,
 )
+from eval.referential_metrics import referential_scores
 from eval.text_metrics import SentenceSimilarity, count_pronouns, meteor, top_word_frequencies, word_kl
 from pipeline.vist import VistStory, load_rgb
+
+# Image methods in table order (eval/runner.py describes each).
+IMAGE_METHODS = (
+    "gt",
+    "sd_no_context",
+    "story_captions_no_context",
+    "story_captions_refs",
+    "ours_non_ar",
+    "ours_ar",
+    "memory_story_captions_refs",
+    "memory_non_ar",
+)
 
 
 @dataclass
@@ -69,7 +82,22 @@ def score_text(records: list[dict], stories: list[VistStory], measures: Measures
             "clip": _mean(clip_scores),
             "samples": len(predictions),
         }
+        if method == "ours_description":
+            table[method].update(score_referential(records, stories))
     return table
+
+
+def score_referential(records: list[dict], stories: list[VistStory]) -> dict[str, Any]:
+    """ShapeStories only: does the description of frame k+1 name its characters, above all when SIS k+1
+    calls them "he", "she" or "they"? Empty for data without ShapeStories character labels."""
+    descriptions, captions, labels = [], [], []
+    for record, story in zip(records, stories, strict=True):
+        if "ours_description" in record["text"]:
+            descriptions += record["text"]["ours_description"]
+            captions += [frame.story_caption for frame in story.frames[1:]]
+            labels += [frame.labels for frame in story.frames[1:]]
+    scores = referential_scores(descriptions, captions, labels)
+    return scores if scores["character_frames"] else {}
 
 
 def _load(out: Path, path: str) -> Image.Image:
@@ -81,8 +109,7 @@ def score_images(
 ) -> dict[str, dict]:
     """CLIP text-image / previous-image / GT-image / total-story similarity, FID/KID, objects, classifier."""
     table: dict[str, dict] = {}
-    methods = [m for m in ("gt", "sd_no_context", "story_captions_no_context", "story_captions_refs", "ours_non_ar", "ours_ar")
-               if any(m in record["images"] for record in records)]  # fmt: skip
+    methods = [m for m in IMAGE_METHODS if any(m in record["images"] for record in records)]
     gt_features = np.zeros((0, 1))
     fid_features = ClipFeatures(measures.clip)  # FID_CLIP: projected, un-normalised CLIP image features
     for method in methods:

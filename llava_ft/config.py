@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import ConfigError
 
 TASKS = ("story", "description")
+PRETRAIN_TASK = "caption"  # image -> its own description: full-parameter pretraining of a toy base
 
 
 @dataclass
@@ -18,6 +19,9 @@ class LoraSettings:
     # A regex over module names (peft matches it in full): the language model's linear layers only.
     # A plain list like ["q_proj", "v_proj"] would also hit the CLIP vision tower.
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    # Whole modules trained and saved with the adapter (peft's modules_to_save), e.g. ["lm_head"] when
+    # the task's words were never targets of the base's training (the toy base learned descriptions only).
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
@@ -109,6 +113,9 @@ class CaptionerConfig:
     max_new_tokens: int = 48
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: CaptionerTrainConfig = field(default_factory=CaptionerTrainConfig)
+    # `storypipe pretrain-llava`: every parameter of a tiny base built from `tiny`, trained from scratch
+    # on the caption task (toy models); None where the base is pretrained already (real LLaVA).
+    pretrain: CaptionerTrainConfig | None = None
     # When set and `base_model` is a folder that does not exist yet, a tiny LLaVA is built there.
     tiny: TinyLlavaSettings | None = None
 

@@ -1,5 +1,9 @@
 """LoRA-finetune LLaVA for one captioner task: ``train(run)``, top to bottom.
 
+With ``run.full_parameters`` the same loop instead pretrains every parameter of a tiny base built
+from ``captioner.tiny`` (the toy models, `storypipe pretrain-llava`), with ``captioner.pretrain``'s
+settings, and saves a whole model folder instead of an adapter.
+
 Runs unchanged on one CPU, one GPU, or several GPUs under ``accelerate launch``:
 
 * each optimizer step takes a global batch of ``batch_size x gradient_accumulation_steps x processes``
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
-from llava_ft.config import TASKS, CaptionerConfig, LoraSettings
+from llava_ft.config import PRETRAIN_TASK, TASKS, CaptionerConfig, LoraSettings
 from llava_ft.data import ConversationSample, collate, encode_sample, read_conversations
-from llava_ft.model import load_llava, resolve_base_model
+from llava_ft.model import build_tiny_llava, load_llava, resolve_base_model
 from pipeline.config import save_resolved_config
 from pipeline.errors import StorypipeError
 from pipeline.training import (
@@ -66,10 +71,12 @@ class FinetuneRun:
     out_dir: Path
     resume: bool = False
     resolved_config: Any = None  # the whole resolved storypipe config, written into the run
+    full_parameters: bool = False  # pretrain a tiny base from scratch instead of adding a LoRA
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise StorypipeError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        tasks = TASKS + (PRETRAIN_TASK,)
+        if self.task not in tasks:
+            raise StorypipeError(f"--task must be one of {', '.join(tasks)}, got {self.task!r}")
         self.data_file, self.images_dir, self.out_dir = (
             Path(self.data_file),
             Path(self.images_dir),
@@ -78,7 +85,13 @@ class FinetuneRun:
 
 
 def train(run: FinetuneRun) -> Path:
-    cfg, tcfg = run.captioner, run.captioner.train
+    cfg = run.captioner
+    if run.full_parameters and (cfg.pretrain is None or cfg.tiny is None):
+        raise StorypipeError(
+            "pretraining needs captioner.pretrain and captioner.tiny (the architecture to build); "
+            "use --preset toy, or LoRA-finetune a pretrained base with finetune-llava instead"
+        )
+    tcfg = cfg.pretrain if run.full_parameters else cfg.train
 
     # 1. Devices and precision: QLoRA (4-bit base, bf16 compute) needs CUDA; the CPU trains in fp32.
     on_cuda = torch.cuda.is_available()
@@ -98,19 +111,28 @@ def train(run: FinetuneRun) -> Path:
     steps_per_epoch = math.ceil(len(train_samples) / global_batch)
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
 
-    # 3. Model: the base, optionally 4-bit, with LoRA on the language model's linear layers only.
-    model, processor = load_llava(
-        resolve_base_model(cfg),
-        load_in_4bit=quantize,
-        dtype=torch.bfloat16 if quantize else torch.float32,
-        device=accelerator.device,
-    )
+    # 3. Model: the base, optionally 4-bit, with LoRA on the language model's linear layers only;
+    #    or, pretraining, a freshly built tiny base whose every parameter trains.
+    if run.full_parameters:
+        quantize = False
+        with tempfile.TemporaryDirectory() as scratch:
+            build_tiny_llava(Path(scratch) / "init", cfg.tiny)
+            model, processor = load_llava(Path(scratch) / "init", device=accelerator.device)
+        model.requires_grad_(True)
+    else:
+        model, processor = load_llava(
+            resolve_base_model(cfg),
+            load_in_4bit=quantize,
+            dtype=torch.bfloat16 if quantize else torch.float32,
+            device=accelerator.device,
+        )
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model = add_lora(model, cfg.lora)
+    if not run.full_parameters:
+        model = add_lora(model, cfg.lora)
     pad_token_id = processor.tokenizer.pad_token_id
 
     # 4. Optimizer and schedule (stepped once per optimizer step, on every process alike).
@@ -173,11 +195,15 @@ def train(run: FinetuneRun) -> Path:
                 )
             progress.update(bar, completed=done, status=f"loss {record['loss']:.4f}")
 
-    # 7. Save the adapter as a plain PEFT folder and check it really holds the trained weights.
+    # 7. Save the adapter as a plain PEFT folder and check it really holds the trained weights
+    #    (pretraining: the whole model and its processor, a folder `load_llava` reads).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(run.out_dir)
-        verify_adapter(run.out_dir, accelerator.unwrap_model(model))
+        if run.full_parameters:
+            processor.save_pretrained(run.out_dir)
+        else:
+            verify_adapter(run.out_dir, accelerator.unwrap_model(model))
         shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; the adapter supersedes them
     accelerator.wait_for_everyone()
     return run.out_dir
@@ -195,6 +221,7 @@ def add_lora(model, settings: LoraSettings) -> PeftModel:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
+        modules_to_save=settings.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -240,9 +267,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
 
         def write(staging: Path) -> None:
-            save_file(
-                get_peft_model_state_dict(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS)
-            )
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS))
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
 
@@ -253,11 +278,22 @@ def save_checkpoint(
 
 def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
     latest, step = latest_checkpoint(folder)
-    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(latest / ADAPTER_WEIGHTS)))
+    unwrapped, saved = accelerator.unwrap_model(model), load_file(str(latest / ADAPTER_WEIGHTS))
+    if isinstance(unwrapped, PeftModel):
+        set_peft_model_state_dict(unwrapped, saved)
+    else:
+        unwrapped.load_state_dict(saved)
     optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
     restore_rng(latest, accelerator.process_index)
     return step
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps: the adapter's tensors, or every tensor of a model trained in full."""
+    if isinstance(model, PeftModel):
+        return get_peft_model_state_dict(model)
+    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
 
 
 def verify_adapter(folder: Path, model) -> None:

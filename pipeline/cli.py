@@ -207,6 +207,27 @@ def finetune_llava_command(
     console.print(f"Use it with: --set captioner.{task}_adapter={folder}")
 
 
+@app.command("pretrain-llava")
+@user_errors
+def pretrain_llava_command(
+    data: Annotated[Path, typer.Option("--data", help="caption.json from prepare-llava.")],
+    images: Annotated[Path, typer.Option("--images", help="The images folder the samples name.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Model folder (default: captioner.base_model).")
+    ] = None,
+    resume: ResumeOption = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a tiny LLaVA base from scratch (the toy models; captioner.tiny and captioner.pretrain)."""
+    cfg = _config(config, preset, set_)
+    out = out or Path(cfg.captioner.base_model)
+    started = time.perf_counter()
+    folder = wiring.pretrain_llava(cfg, data, images, out, resume=resume)
+    console.print(f"Base model written to {folder} in {time.perf_counter() - started:.1f}s")
+
+
 @app.command("caption")
 @user_errors
 def caption_command(
@@ -242,6 +263,25 @@ def caption_command(
         console.print(f"Next story caption: {next_caption}", highlight=False)
     description = captioners.describe(picture, caption, next_caption, seed=seed)
     console.print(f"Description of the next frame: {description}", highlight=False)
+
+
+@app.command("pretrain-diffusion")
+@user_errors
+def pretrain_diffusion_command(
+    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder (e.g. from toy-data).")],
+    out: Annotated[Path, typer.Option("--out", help="Output SD 1.5-layout folder.")],
+    split: Annotated[str, typer.Option(help="Which split to train on.")] = "train",
+    resume: ResumeOption = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a tiny diffusion base from scratch: a VAE, then a text-to-image UNet (generator.pretrain)."""
+    cfg = _config(config, preset, set_)
+    started = time.perf_counter()
+    folder = wiring.pretrain_diffusion(cfg, data, out, split=split, resume=resume)
+    console.print(f"Base model written to {folder} in {time.perf_counter() - started:.1f}s")
+    console.print(f"Add context layers with: storypipe finetune-storygen --set generator.base_model={folder}")
 
 
 @app.command("finetune-storygen")
@@ -596,6 +636,63 @@ def train_classifier_command(
     shown = ", ".join(f"{key} {value:.3f}" for key, value in scores.items() if isinstance(value, float))
     console.print(f"Classifier written to {out} in {time.perf_counter() - started:.1f}s; validation: {shown}")
     console.print(f"Use it with: --set eval.classifier_model={out}")
+
+
+@app.command("train-clip")
+@user_errors
+def train_clip_command(
+    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder: frames with descriptions.")],
+    out: Annotated[Path, typer.Option("--out", help="CLIP model folder.")] = Path("runs/clip"),
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train the tiny CLIP contrastively on (frame, description) pairs, for the CLIP metrics of toy runs."""
+    cfg = _config(config, preset, set_)
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("train-clip", total=None)
+        metrics = wiring.train_clip(
+            cfg, data, out, progress=lambda step, total: progress.update(task, completed=step, total=total)
+        )
+    console.print(
+        f"CLIP written to {out} in {time.perf_counter() - started:.1f}s; validation text->image top-1 "
+        f"{metrics['val_text_to_image_top1']:.3f}, image->text {metrics['val_image_to_text_top1']:.3f} "
+        f"(chance {metrics['val_chance']:.3f}, {metrics['val_pool']} candidates)",
+        highlight=False,
+    )
+    console.print(f"Use it with: --set eval.clip_model={out}")
+
+
+@app.command("train-text-baseline")
+@user_errors
+def train_text_baseline_command(
+    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder: stories of captions.")],
+    out: Annotated[Path, typer.Option("--out", help="Language model folder.")] = Path("runs/text-baseline"),
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train the tiny text-only LM baseline on story captions (the toy analogue of the paper's MPT row)."""
+    cfg = _config(config, preset, set_)
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("train-text-baseline", total=None)
+        metrics = wiring.train_text_baseline(
+            cfg, data, out, progress=lambda step, total: progress.update(task, completed=step, total=total)
+        )
+    val_loss = metrics["val_loss"]
+    console.print(
+        f"Language model written to {out} in {time.perf_counter() - started:.1f}s; loss "
+        f"{metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}"
+        + (f", validation {val_loss:.3f}" if val_loss is not None else ""),
+        highlight=False,
+    )
+    sample = metrics["sample"]
+    console.print(
+        f"Sample: {' / '.join(sample['previous'])} -> {sample['next']}", highlight=False, markup=False
+    )
+    console.print(f"Use it with: --set eval.text_baseline_model={out}")
 
 
 def main() -> None:

@@ -172,7 +172,9 @@ def _field_type(cls: Any, name: str, source: str, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     if name not in hints:
         raise ConfigError(_unknown_key_message(cls, name, source, prefix))
-    return hints[name]
+    # An optional section (``Settings | None``) is a section too, when the preset gives it.
+    sections = [arg for arg in typing.get_args(hints[name]) if dataclasses.is_dataclass(arg)]
+    return sections[0] if len(sections) == 1 else hints[name]
 
 
 def _unknown_key_message(cls: Any, name: str, source: str, prefix: str) -> str:

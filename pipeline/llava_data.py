@@ -4,6 +4,7 @@ For each usable story and each k in 0..n-2, two LLaVA conversation samples share
 
 * ``story_next.json``: image k + story caption k  ->  story caption k+1
 * ``description.json``: image k + story captions k and k+1  ->  description (DII) of frame k+1
+* ``caption.json``: image k  ->  its own description (pretraining a captioner base from scratch)
 
 Images are written once per photo as ``images/{photo_id}.jpg``, RGB, resized to a square.
 """
@@ -24,6 +25,7 @@ from pipeline.vist import VistStory, load_vist_split
 
 STORY_NEXT_FILE = "story_next.json"
 DESCRIPTION_FILE = "description.json"
+CAPTION_FILE = "caption.json"  # image k -> its own description: pretraining a base from scratch
 IMAGES_SUBDIR = "images"
 REPORT_FILE = "prepare_report.json"
 
@@ -49,9 +51,9 @@ def conversation(sample_id: str, image_name: str, question: str, answer: str) ->
     }
 
 
-def story_samples(story: VistStory, prompts: PromptTemplates) -> tuple[list[dict], list[dict]]:
-    """The story_next and description samples of one story (k = 0 .. n-2)."""
-    story_next, description = [], []
+def story_samples(story: VistStory, prompts: PromptTemplates) -> tuple[list[dict], list[dict], list[dict]]:
+    """The story_next, description and caption samples of one story (k = 0 .. n-2)."""
+    story_next, description, caption = [], [], []
     for k in range(len(story.frames) - 1):
         current, upcoming = story.frames[k], story.frames[k + 1]
         sample_id, image_name = f"{story.story_id}_{k}", f"{current.photo_id}.jpg"
@@ -73,7 +75,8 @@ def story_samples(story: VistStory, prompts: PromptTemplates) -> tuple[list[dict
                 upcoming.description,
             )
         )
-    return story_next, description
+        caption.append(conversation(sample_id, image_name, prompts.caption_question(), current.description))
+    return story_next, description, caption
 
 
 def prepare_llava(
@@ -85,7 +88,7 @@ def prepare_llava(
     prompts: PromptTemplates | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PrepareReport:
-    """Write ``out/{story_next,description}.json`` and ``out/images/``; return what was written and dropped.
+    """Write ``out/{story_next,description,caption}.json`` and ``out/images/``; return what was written and dropped.
 
     ``limit`` keeps the first N usable stories in ``story_id`` order. ``progress(done, total)`` is called
     after each usable story (for a progress bar). Reruns with the same arguments write identical files.
@@ -99,14 +102,16 @@ def prepare_llava(
     # 2. Decode each usable story's images, write the ones the samples use, build the samples.
     story_next: list[dict] = []
     description: list[dict] = []
+    caption: list[dict] = []
     written_photos: set[str] = set()
     usable = 0
     total = len(vist.stories) if limit is None else min(limit, len(vist.stories))
     for story, images in vist.iter_usable(limit=limit):
         usable += 1
-        next_samples, description_samples = story_samples(story, prompts)
+        next_samples, description_samples, caption_samples = story_samples(story, prompts)
         story_next += next_samples
         description += description_samples
+        caption += caption_samples
         used_photos = {sample["image"] for sample in next_samples}
         for frame, image in zip(story.frames, images, strict=True):
             image_name = f"{frame.photo_id}.jpg"
@@ -123,10 +128,15 @@ def prepare_llava(
     # 3. Write the sample files (atomically, deterministic JSON).
     atomic_write_json(out / STORY_NEXT_FILE, story_next)
     atomic_write_json(out / DESCRIPTION_FILE, description)
+    atomic_write_json(out / CAPTION_FILE, caption)
 
     report = PrepareReport(
         usable_stories=usable,
-        samples={STORY_NEXT_FILE: len(story_next), DESCRIPTION_FILE: len(description)},
+        samples={
+            STORY_NEXT_FILE: len(story_next),
+            DESCRIPTION_FILE: len(description),
+            CAPTION_FILE: len(caption),
+        },
         images_written=len(written_photos),
         dropped={reason: count for reason, count in vist.drop_counts().items() if count},
         drop_lines=vist.drop_report(),

@@ -20,6 +20,7 @@ IMAGE_TOKEN = "<image>"
 TEMPLATE_FIELDS = {
     "story_next": {"current_caption"},
     "description": {"previous_caption", "current_caption"},
+    "caption": set(),  # pretraining a base from scratch (toy models): what the image itself shows
 }
 
 
@@ -27,6 +28,7 @@ TEMPLATE_FIELDS = {
 class PromptTemplates:
     story_next: str
     description: str
+    caption: str
 
     @classmethod
     def load(cls, folder: str | Path = PROMPTS_DIR) -> PromptTemplates:
@@ -56,6 +58,10 @@ class PromptTemplates:
         ``current_caption`` the story caption of the frame to describe.
         """
         return self.description.format(previous_caption=previous_caption, current_caption=current_caption)
+
+    def caption_question(self) -> str:
+        """Question for pretraining a captioner base: the image -> its own description."""
+        return self.caption
 
 
 def llava_human_turn(question: str) -> str:

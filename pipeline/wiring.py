@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eval.config import ClassifierTrainConfig, EvalConfig
+from eval.config import ClassifierTrainConfig, ClipTrainConfig, EvalConfig, TextBaselineTrainConfig
 from llava_ft.config import CaptionerConfig
 from pipeline.config import (
     DEFAULT_PRESET,
@@ -42,6 +42,8 @@ class StorypipeConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    clip_training: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    text_baseline_training: TextBaselineTrainConfig = field(default_factory=TextBaselineTrainConfig)
     story: StoryConfig = field(default_factory=StoryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -100,6 +102,31 @@ def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captione
     return Captioners.from_config(cfg.captioner, device=device or resolve_device(cfg))
 
 
+def pretrain_llava(
+    cfg: StorypipeConfig, data_file: Path, images_dir: Path, out_dir: Path, resume: bool = False
+) -> Path:
+    """Pretrain a tiny captioner base from scratch (every parameter) on caption.json: the toy models."""
+    from llava_ft.config import PRETRAIN_TASK
+    from llava_ft.train import FinetuneRun, train
+
+    run = FinetuneRun(
+        cfg.captioner, PRETRAIN_TASK, data_file, images_dir, out_dir,
+        resume=resume, resolved_config=cfg, full_parameters=True,
+    )  # fmt: skip
+    return train(run)
+
+
+def pretrain_diffusion(
+    cfg: StorypipeConfig, data_dir: Path, out_dir: Path, split: str = "train", resume: bool = False
+) -> Path:
+    """Build a diffusion base from scratch (VAE, then a text-to-image UNet) on a VIST-layout folder."""
+    from storygen_ft.pretrain import PretrainRun, pretrain
+
+    return pretrain(
+        PretrainRun(cfg.generator, data_dir, out_dir, split=split, resume=resume, resolved_config=cfg)
+    )
+
+
 def finetune_storygen(
     cfg: StorypipeConfig, data_dir: Path, out_dir: Path, split: str = "train", resume: bool = False
 ) -> Path:
@@ -115,6 +142,17 @@ def load_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> Fra
     from storygen_ft.generator import FrameGenerator
 
     return FrameGenerator.from_config(cfg.generator, device=device or resolve_device(cfg))
+
+
+def load_memory_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> FrameGenerator | None:
+    """The memory-attention frame generator of ``eval.memory_generator_model`` (None when unset): the
+    generator section's settings, with that model and ``context=memory``."""
+    from storygen_ft.generator import FrameGenerator
+
+    if cfg.eval.memory_generator_model is None:
+        return None
+    memory = dataclasses.replace(cfg.generator, base_model=cfg.eval.memory_generator_model, context="memory")
+    return FrameGenerator.from_config(memory, device=device or resolve_device(cfg))
 
 
 def build_story_teller(cfg: StorypipeConfig, progress: Progress | None = None) -> StoryTeller:
@@ -154,6 +192,7 @@ def run_eval(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None)
 
     # 3. The systems under test.
     captioners, generator = load_captioners(cfg, device), load_frame_generator(cfg, device)
+    memory_generator = load_memory_frame_generator(cfg, device)
 
     def tell_story(
         folder: Path, seed_image: Image.Image, caption: str, frames: int, seed: int
@@ -171,6 +210,7 @@ def run_eval(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None)
     models = EvalModels(
         captioners=captioners,
         illustrator=generator,
+        memory_illustrator=memory_generator,
         tell_story=tell_story,
         caption_baseline=ImageToTextBaseline.load(ecfg.caption_baseline_model, device)
         if ecfg.caption_baseline_model
@@ -196,6 +236,20 @@ def train_classifier(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progre
     from eval.classifier import train_classifier as train
 
     return train(data_dir, out_dir, cfg.classifier, progress=progress)
+
+
+def train_clip(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
+    """The tiny CLIP, trained on (frame, description) pairs; the whole resolved config is saved with it."""
+    from eval.clip_training import train_clip as train
+
+    return train(data_dir, out_dir, cfg.clip_training, progress=progress, resolved_config=cfg)
+
+
+def train_text_baseline(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
+    """The tiny text-only LM baseline, trained on story captions; the whole resolved config is saved with it."""
+    from eval.text_baseline_training import train_text_baseline as train
+
+    return train(data_dir, out_dir, cfg.text_baseline_training, progress=progress, resolved_config=cfg)
 
 
 def _load_measures(cfg: StorypipeConfig, device: str):

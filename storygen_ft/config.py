@@ -21,6 +21,9 @@ class GeneratorTrainConfig:
     max_grad_norm: float = 1.0
     text_dropout: float = 0.05  # caption dropout, for text guidance
     reference_dropout: float = 0.1  # blank references with empty captions, for image guidance
+    # Caption an example with its story caption (and its references with theirs) instead of the
+    # descriptions, so the model also learns to resolve "he"/"she"/"they" from the reference frames.
+    story_caption_probability: float = 0.0
     unet_lora_rank: int | None = (
         None  # also train a LoRA on the UNet's attention; None trains only the new layers
     )
@@ -43,11 +46,50 @@ class GeneratorTrainConfig:
                 raise ConfigError(f"generator.train.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"generator.train.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("text_dropout", "reference_dropout"):
+        for name in ("text_dropout", "reference_dropout", "story_caption_probability"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"generator.train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.unet_lora_rank is not None and self.unet_lora_rank < 1:
             raise ConfigError("generator.train.unet_lora_rank must be >= 1 or null")
+
+
+@dataclass
+class GeneratorPretrainConfig:
+    """`storypipe pretrain-diffusion`: a diffusion base from scratch (the toy models), in two phases.
+
+    First the VAE learns to reconstruct the training frames; then the UNet learns single-frame
+    text-to-image on them (StoryGen's first stage), with the frozen VAE and text encoder.
+    """
+
+    vae_steps: int = 600
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 2e-3
+    vae_kl_weight: float = 1e-6  # a near-deterministic autoencoder, as SD's VAE is in practice
+    unet_steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 2e-3  # peak of a cosine schedule
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    text_dropout: float = 0.1  # empty prompts, so classifier-free guidance has an unconditional branch
+    story_caption_probability: float = 0.3  # prompt with the story caption instead of the description
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "unet_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"generator.pretrain.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("vae_batch_size", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generator.pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vae_learning_rate", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"generator.pretrain.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("text_dropout", "story_caption_probability"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"generator.pretrain.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -63,9 +105,25 @@ class TinyDiffusionSettings:
     vae_channels: tuple[int, ...] = (32, 64)
     latent_channels: int = 4
     vocab_size: int = 512
+    # The first (highest-resolution) UNet levels that have no attention, only ResNet blocks: cheaper,
+    # and text still steers the lower levels. 0 puts cross-attention on every level.
+    levels_without_attention: int = 0
+    # GroupNorm groups, capped at the narrowest width. Keep several channels per group: with one channel
+    # per group every norm erases each channel's mean, i.e. the flat colours a tiny model must carry.
+    norm_groups: int = 32
+    vae_mid_attention: bool = True  # the VAE's self-attention at its lowest resolution
+    # A CLIP model folder whose text tower and tokenizer become the text encoder, as SD 1.5 uses CLIP's
+    # (e.g. the toy CLIP from `storypipe train-clip`); None builds a random one.
+    text_encoder: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.norm_groups < 1:
+            raise ConfigError("generator.tiny.norm_groups must be >= 1")
+        if not 0 <= self.levels_without_attention < len(self.block_channels):
+            raise ConfigError(
+                "generator.tiny.levels_without_attention must leave at least one level with attention"
+            )
         if len(self.block_channels) < 1 or len(self.vae_channels) < 1:
             raise ConfigError(
                 "generator.tiny.block_channels and generator.tiny.vae_channels must not be empty"
@@ -98,6 +156,8 @@ class GeneratorConfig:
     train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     # When set and `base_model` is a folder that does not exist yet, a tiny model is built there.
     tiny: TinyDiffusionSettings | None = None
+    # `storypipe pretrain-diffusion` settings (toy models from scratch); None where the base is pretrained.
+    pretrain: GeneratorPretrainConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.base_model:

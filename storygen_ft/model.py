@@ -218,18 +218,9 @@ class StoryDiffusion(nn.Module):
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP token states ``(B, T, D)`` for cross-attention and the pooled sentence embedding ``(B, D)``."""
-        tokens = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.text_max_length,
-            return_tensors="pt",
-        ).to(self.device)
-        output = self.text_encoder(tokens.input_ids)
-        return output.last_hidden_state, output.pooler_output
+        return encode_prompts(self.tokenizer, self.text_encoder, texts)
 
     @property
     def text_max_length(self) -> int:
@@ -240,12 +231,7 @@ class StoryDiffusion(nn.Module):
 
     def images_to_tensor(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
         """RGB images resized to ``resolution``², in [-1, 1]: ``(B, 3, H, W)``."""
-        arrays = [
-            np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC))
-            for image in images
-        ]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
-        return pixels.to(self.device, self.vae.dtype)
+        return images_to_pixels(images, resolution).to(self.device, self.vae.dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -257,6 +243,26 @@ class StoryDiffusion(nn.Module):
         pixels = self.vae.decode(latents / self.latent_scale).sample  # (B, 3, H, W) in [-1, 1]
         pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(array) for array in pixels]
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP token states ``(B, T, D)`` and pooled embeddings ``(B, D)``, padded to the full context length."""
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    tokens = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(text_encoder.device)
+    output = text_encoder(tokens.input_ids)
+    return output.last_hidden_state, output.pooler_output
+
+
+def images_to_pixels(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
+    """RGB images resized to ``resolution``², in [-1, 1]: ``(B, 3, H, W)`` float32 on the CPU."""
+    arrays = [
+        np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC))
+        for image in images
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
 
 
 def save_sd_components(folder: Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
@@ -276,31 +282,38 @@ def resolve_base_model(cfg: GeneratorConfig) -> str:
 
 
 def build_tiny_diffusion(folder: str | Path, settings: TinyDiffusionSettings) -> Path:
-    """A randomly initialised tiny SD-1.5-layout model (VAE, CLIP text encoder, UNet, DDIM), saved atomically."""
+    """A randomly initialised tiny SD-1.5-layout model (VAE, CLIP text encoder, UNet, DDIM), saved atomically.
+
+    With ``settings.text_encoder`` the text encoder and tokenizer are that CLIP model's text tower
+    (trained, and kept frozen like SD 1.5's); everything else starts random.
+    """
     folder = Path(folder)
-    tokenizer = build_byte_bpe_tokenizer(
-        settings.vocab_size,
-        tiny_corpus(),
-        special_tokens=TINY_TEXT_SPECIAL_TOKENS,
-        template="<s> $A </s>",
-        model_max_length=TEXT_MAX_LENGTH,
-    )
     down_levels = len(settings.vae_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=settings.cross_attention_dim,
-                intermediate_size=4 * settings.cross_attention_dim,
-                num_hidden_layers=settings.text_layers,
-                num_attention_heads=max(1, settings.cross_attention_dim // settings.attention_head_dim),
-                max_position_embeddings=TEXT_MAX_LENGTH,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+        if settings.text_encoder is not None:
+            tokenizer, text_encoder = load_clip_text_tower(settings.text_encoder)
+        else:
+            tokenizer = build_byte_bpe_tokenizer(
+                settings.vocab_size,
+                tiny_corpus(),
+                special_tokens=TINY_TEXT_SPECIAL_TOKENS,
+                template="<s> $A </s>",
+                model_max_length=TEXT_MAX_LENGTH,
             )
-        )
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    hidden_size=settings.cross_attention_dim,
+                    intermediate_size=4 * settings.cross_attention_dim,
+                    num_hidden_layers=settings.text_layers,
+                    num_attention_heads=max(1, settings.cross_attention_dim // settings.attention_head_dim),
+                    max_position_embeddings=TEXT_MAX_LENGTH,
+                    pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -309,21 +322,25 @@ def build_tiny_diffusion(folder: str | Path, settings: TinyDiffusionSettings) ->
             block_out_channels=settings.vae_channels,
             latent_channels=settings.latent_channels,
             layers_per_block=1,
-            norm_num_groups=min(32, settings.vae_channels[0]),
+            norm_num_groups=min(settings.norm_groups, settings.vae_channels[0]),
+            mid_block_add_attention=settings.vae_mid_attention,
             sample_size=settings.resolution,
         )
         levels = len(settings.block_channels)
+        plain = settings.levels_without_attention
+        down_blocks = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (levels - plain)
+        up_blocks = ("CrossAttnUpBlock2D",) * (levels - plain) + ("UpBlock2D",) * plain
         unet = UNet2DConditionModel(
             sample_size=settings.resolution // 2 ** (down_levels - 1),
             in_channels=settings.latent_channels,
             out_channels=settings.latent_channels,
             layers_per_block=settings.layers_per_block,
             block_out_channels=settings.block_channels,
-            down_block_types=("CrossAttnDownBlock2D",) * levels,
-            up_block_types=("CrossAttnUpBlock2D",) * levels,
-            cross_attention_dim=settings.cross_attention_dim,
+            down_block_types=down_blocks,
+            up_block_types=up_blocks,
+            cross_attention_dim=text_encoder.config.hidden_size,
             attention_head_dim=settings.attention_head_dim,
-            norm_num_groups=min(32, settings.block_channels[0]),
+            norm_num_groups=min(settings.norm_groups, settings.block_channels[0]),
         )
     # SD 1.5's sampler settings.
     scheduler = DDIMScheduler(
@@ -333,3 +350,18 @@ def build_tiny_diffusion(folder: str | Path, settings: TinyDiffusionSettings) ->
     return atomic_write_folder(
         folder, lambda staging: save_sd_components(staging, vae, text_encoder, tokenizer, unet, scheduler)
     )
+
+
+def load_clip_text_tower(clip_folder: str | Path) -> tuple:
+    """The tokenizer and text tower of a CLIP model folder (``CLIPModel`` or ``CLIPTextModel`` weights)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(clip_folder)
+        text_encoder = CLIPTextModel.from_pretrained(clip_folder)
+    except (OSError, ValueError) as exc:
+        raise model_load_error(
+            "CLIP text encoder",
+            str(clip_folder),
+            exc,
+            "Set generator.tiny.text_encoder to a CLIP folder (train one with `storypipe train-clip`) or null.",
+        ) from exc
+    return tokenizer, text_encoder

@@ -2,7 +2,9 @@
 
 Data: a VIST-layout folder (VIST, ShapeStories, converted FlintstonesSV/PororoSV). Each example is a
 frame k >= 1 of a usable story, captioned with its **description** (DII, the source paper's choice),
-conditioned on 1..min(K, k) of the frames before it (uniformly at random).
+conditioned on 1..min(K, k) of the frames before it (uniformly at random). With
+``story_caption_probability`` an example is captioned with story captions instead, so the context
+layers learn to recover who "he"/"she"/"they" are from the reference frames.
 
 Only the added layers train by default (optionally also a LoRA on the UNet's attention). Text is
 dropped with ``text_dropout``, references with ``reference_dropout`` (blank images, empty captions), so
@@ -37,7 +39,7 @@ from pipeline.training import (
     truncate_log,
     write_checkpoint,
 )
-from pipeline.vist import ImageDecodeError, VistStory, load_rgb, load_vist_split
+from pipeline.vist import ImageDecodeError, VistFrame, VistStory, load_rgb, load_vist_split
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
 
@@ -213,6 +215,14 @@ def save_training_state(model: StoryDiffusion, optimizer, scheduler, folder: Pat
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
 
 
+def frame_description(frame: VistFrame) -> str:
+    return frame.description
+
+
+def frame_story_caption(frame: VistFrame) -> str:
+    return frame.story_caption
+
+
 def make_batch(
     model: StoryDiffusion, examples: list[Example], cfg: GeneratorConfig, rng: torch.Generator
 ) -> dict:
@@ -227,16 +237,18 @@ def make_batch(
         previous = frames[example.frame - used : example.frame]  # oldest first
         drop_text = float(torch.rand((), generator=rng)) < tcfg.text_dropout
         drop_refs = float(torch.rand((), generator=rng)) < tcfg.reference_dropout
+        use_story_captions = float(torch.rand((), generator=rng)) < tcfg.story_caption_probability
+        caption_of = frame_story_caption if use_story_captions else frame_description
         try:
             target = load_rgb(frames[example.frame].image_file)
             images = [blank if drop_refs else load_rgb(frame.image_file) for frame in previous]
         except ImageDecodeError as exc:
             raise DataError(f"story {example.story.story_id}: {exc}") from exc
         targets.append(target)
-        texts.append("" if drop_text else frames[example.frame].description)
+        texts.append("" if drop_text else caption_of(frames[example.frame]))
         padding = count - used
         ref_images += [blank] * padding + images
-        ref_texts += [""] * padding + ["" if drop_refs else frame.description for frame in previous]
+        ref_texts += [""] * padding + ["" if drop_refs else caption_of(frame) for frame in previous]
         masks.append([False] * padding + [True] * used)
 
     batch = len(examples)

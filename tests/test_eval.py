@@ -8,11 +8,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from eval.referential_metrics import is_pronoun_caption
 from eval.report import IMAGE_ROWS, TEXT_ROWS
 from eval.runner import IMAGE_METHODS, TEXT_METHODS
 from pipeline.cli import app
 from pipeline.config import ToyDataConfig
 from pipeline.shapestories import generate_shapestories
+from pipeline.vist import load_vist_split
 
 runner = CliRunner()
 IMAGE_COLUMNS = ("text_image", "previous_image", "total_story", "objects_per_image",
@@ -33,7 +35,7 @@ def eval_options(tmp_path_factory, tiny_llava, tiny_sd, toy_stories):
         "captioner.base_model": tiny_llava, "generator.base_model": tiny_sd, "captioner.max_new_tokens": 6,
         "generator.num_inference_steps": 2, "eval.clip_model": models / "clip", "eval.detector_model": models / "detector",
         "eval.caption_baseline_model": tiny_llava, "eval.text_baseline_model": models / "lm",
-        "eval.classifier_model": classifier, "story.repetition_retries": 0,
+        "eval.classifier_model": classifier, "story.repetition_retries": 0, "eval.memory_generator_model": tiny_sd,
     }  # fmt: skip
     return [
         "--preset",
@@ -86,6 +88,19 @@ def test_every_table_is_filled(evaluated):
         assert f"| {label} |" in markdown, label
     assert (evaluated / "word_distribution.png").is_file() and (evaluated / "object_counts.png").is_file()
     assert len(list((evaluated / "stories").iterdir())) == 2  # the autoregressive stories, as story folders
+
+
+def test_descriptions_get_referential_scores_on_shapestories(evaluated, toy_stories):
+    row = json.loads((evaluated / "results.json").read_text())["text"]["ours_description"]
+    frames = [
+        frame for story in load_vist_split(toy_stories, "train").stories[:2] for frame in story.frames[1:]
+    ]
+    assert row["character_frames"] == 8
+    assert row["pronoun_frames"] == sum(is_pronoun_caption(frame.story_caption) for frame in frames) > 0
+    assert isinstance(row["character_named"], float) and isinstance(row["pronoun_resolution"], float)
+    assert (
+        "## Referential accuracy of the descriptions (ShapeStories)" in (evaluated / "results.md").read_text()
+    )
 
 
 def test_a_rerun_reuses_the_cache(evaluated, eval_options, toy_stories):

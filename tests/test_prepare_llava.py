@@ -70,7 +70,14 @@ def test_writes_exactly_the_papers_samples(vist_root, tmp_path):
     assert json.loads((out / "story_next.json").read_text()) == expected_next
     assert json.loads((out / "description.json").read_text()) == expected_description
     assert report.usable_stories == 3
-    assert report.samples == {"story_next.json": 12, "description.json": 12}
+    assert report.samples == {"story_next.json": 12, "description.json": 12, "caption.json": 12}
+    # The pretraining samples: each frame's own image -> its own description, with the fixed question.
+    captions = json.loads((out / "caption.json").read_text())
+    assert [c["image"] for c in captions] == [s["image"] for s in expected_next]
+    assert captions[0]["conversations"][0]["value"] == "<image>\nWhat does this frame show?"
+    assert [c["conversations"][1]["value"] for c in captions[:4]] == [
+        long_description(USABLE_IDS[0], k) for k in range(4)
+    ]
     assert report.dropped == {
         "wrong_length": 1,
         "missing_description": 1,
