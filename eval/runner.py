@@ -136,7 +136,9 @@ def generate_story_outputs(
         record["text"]["text_baseline"] = [models.text_baseline(captions[: k + 1]) for k in range(n - 1)]
 
     # 2. Images, non-autoregressive: GT previous frames as references.
-    record["images"]["gt"] = [str(Path(frame.image_path).resolve()) for frame in story.frames[1:]]  # absolute: --data may be relative
+    record["images"]["gt"] = [
+        str(Path(frame.image_path).resolve()) for frame in story.frames[1:]
+    ]  # absolute: --data may be relative
     # method -> (illustrator, prompts, with GT references)
     variants: dict[str, tuple[FrameIllustrator, list[str], bool]] = {}
     if models.illustrator is not None:

@@ -224,7 +224,7 @@ class StoryDiffusion(nn.Module):
 
     @property
     def text_max_length(self) -> int:
-        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        return prompt_max_length(self.tokenizer, self.text_encoder)
 
     def count_text_tokens(self, text: str) -> int:
         return len(self.tokenizer(text).input_ids)
@@ -245,12 +245,20 @@ class StoryDiffusion(nn.Module):
         return [Image.fromarray(array) for array in pixels]
 
 
+def prompt_max_length(tokenizer, text_encoder) -> int:
+    """Prompt tokens the text encoder reads: the tokenizer's limit or the encoder's positions, whichever is less."""
+    return min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP token states ``(B, T, D)`` and pooled embeddings ``(B, D)``, padded to the full context length."""
-    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
     tokens = tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=prompt_max_length(tokenizer, text_encoder),
+        return_tensors="pt",
     ).to(text_encoder.device)
     output = text_encoder(tokens.input_ids)
     return output.last_hidden_state, output.pooler_output

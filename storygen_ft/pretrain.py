@@ -26,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, CLIPTextModel, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, CLIPTextModel
 
 from pipeline.config import save_resolved_config
 from pipeline.errors import DataError, StorypipeError
@@ -37,6 +37,7 @@ from pipeline.training import (
     global_batch_indices,
     latest_checkpoint,
     truncate_log,
+    warmup_cosine_schedule,
     write_checkpoint,
 )
 from pipeline.vist import ImageDecodeError, load_rgb, load_vist_split
@@ -122,7 +123,7 @@ def pretrain(run: PretrainRun) -> Path:
         if start["phase"] == 0 and pcfg.vae_steps:
             vae.train().requires_grad_(True)
             optimizer = torch.optim.AdamW(vae.parameters(), lr=pcfg.vae_learning_rate)
-            schedule = get_cosine_schedule_with_warmup(optimizer, 0, pcfg.vae_steps)
+            schedule = warmup_cosine_schedule(optimizer, 0, pcfg.vae_steps)
             if run.resume and start["step"]:
                 _load_optimizer(checkpoints, optimizer, schedule)
             bar = progress.add_task(
@@ -176,9 +177,7 @@ def pretrain(run: PretrainRun) -> Path:
         optimizer = torch.optim.AdamW(
             unet.parameters(), lr=pcfg.learning_rate, weight_decay=pcfg.weight_decay
         )
-        schedule = get_cosine_schedule_with_warmup(
-            optimizer, min(pcfg.warmup_steps, pcfg.unet_steps), pcfg.unet_steps
-        )
+        schedule = warmup_cosine_schedule(optimizer, pcfg.warmup_steps, pcfg.unet_steps)
         if run.resume and start["phase"] == 1 and start["step"]:
             _load_optimizer(checkpoints, optimizer, schedule)
         train_steps = noise_scheduler.config.num_train_timesteps

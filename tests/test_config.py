@@ -81,6 +81,17 @@ def test_overrides_apply_in_order_and_errors_name_the_override(tmp_path):
         load_config(StorypipeConfig, path, ["data.image_size"])
 
 
+def test_overrides_reach_into_optional_sections_only_where_the_preset_gives_them():
+    toy = resolve_config(
+        preset="toy", overrides=["captioner.pretrain.max_steps=7", "generator.tiny.norm_groups=4"]
+    )
+    assert toy.captioner.pretrain.max_steps == 7 and toy.generator.tiny.norm_groups == 4
+    with pytest.raises(ConfigError, match="unknown config key 'captioner.pretrain.max_stepz'"):
+        resolve_config(preset="toy", overrides=["captioner.pretrain.max_stepz=7"])
+    with pytest.raises(ConfigError, match="captioner.pretrain is not a section"):  # null in the vist preset
+        resolve_config(preset="vist", overrides=["captioner.pretrain.max_steps=7"])
+
+
 def test_config_and_preset_are_exclusive_and_presets_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         resolve_config(config_file=_write(tmp_path, "{}"), preset="tiny")
