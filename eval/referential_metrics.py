@@ -21,18 +21,35 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.shapestories import CHARACTERS, CONNECTIVES
+from pipeline.shapestories import BACKGROUNDS, CHARACTERS, CONNECTIVES
 
 SUBJECT_PRONOUNS = ("he", "she", "they")
 CHARACTER_NAMES = frozenset(character.name for character in CHARACTERS)
 _NAME_PATTERN = re.compile(r"\b(" + "|".join(sorted(CHARACTER_NAMES)) + r")\b", re.IGNORECASE)
 _NOUN_PATTERNS = {c.name: re.compile(rf"\b{re.escape(c.dii_noun)}\b", re.IGNORECASE) for c in CHARACTERS}
+_BACKGROUND_PATTERNS = {
+    b.name: re.compile(rf"\b{re.escape(b.dii_phrase)}\b", re.IGNORECASE) for b in BACKGROUNDS
+}
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
 
 
 def named_characters(description: str) -> set[str]:
     """The names of the ShapeStories characters whose DII noun ("red circle") the description contains."""
     return {name for name, pattern in _NOUN_PATTERNS.items() if pattern.search(description)}
+
+
+def described_background(description: str) -> str | None:
+    """The ShapeStories background whose DII phrase ("on a snowy field") the description contains, if exactly one."""
+    found = [name for name, pattern in _BACKGROUND_PATTERNS.items() if pattern.search(description)]
+    return found[0] if len(found) == 1 else None
+
+
+def described_labels(description: str) -> dict[str, Any]:
+    """The frame labels a ShapeStories description asks for: ``{"characters": [...], "background": ...}``."""
+    return {
+        "characters": sorted(named_characters(description)),
+        "background": described_background(description),
+    }
 
 
 def is_pronoun_caption(caption: str) -> bool:

@@ -102,6 +102,14 @@ def results_markdown(results: dict) -> str:
                          _cell(row.get("background_accuracy"), True), _cell(row.get("background_f1"), True)])  # fmt: skip
     parts.append(_table(["Method", "Text–image", "Prev-image", "GT-image", "Total story", "FID", "KID",
                          "Char acc", "Char F1", "Bg acc", "Bg F1"], rows))  # fmt: skip
+    told = images.get("ours_ar", {})
+    if told.get("told_character_accuracy") is not None:
+        parts.append(
+            "\nAgainst the story it told (ShapeStories): the autoregressive pipeline's frames show the characters "
+            f"its own descriptions name in {_cell(told['told_character_accuracy'], True)}% of frames and the "
+            f"place they name in {_cell(told.get('told_background_accuracy'), True)}%. The row above scores them "
+            "against the true story, whose new actors and places the pipeline cannot know from the seed."
+        )
     notes = sorted({row["fid_note"] for row in images.values() if row.get("fid_note")})
     parts.append(
         "\nFID/KID use CLIP image features against the GT frames (not comparable with Inception FID), "

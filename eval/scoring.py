@@ -25,7 +25,7 @@ from eval.image_metrics import (
     previous_image_similarity,
     total_story_similarity,
 )
-from eval.referential_metrics import referential_scores
+from eval.referential_metrics import described_labels, referential_scores
 from eval.text_metrics import SentenceSimilarity, count_pronouns, meteor, top_word_frequencies, word_kl
 from pipeline.vist import VistStory, load_rgb
 
@@ -114,7 +114,7 @@ def score_images(
     fid_features = ClipFeatures(measures.clip)  # FID_CLIP: projected, un-normalised CLIP image features
     for method in methods:
         text_image, previous, ground, total, features, counts = [], [], [], [], [], []
-        true_labels, predicted_labels = [], []
+        true_labels, predicted_labels, told_labels = [], [], []
         for record, story in zip(records, stories, strict=True):
             if method not in record["images"]:
                 continue
@@ -140,6 +140,8 @@ def score_images(
             if measures.classifier is not None and story.frames[1].labels is not None:
                 predicted_labels += measures.classifier.predict(generated)
                 true_labels += [frame.labels for frame in story.frames[1:]]
+                if method == "ours_ar":
+                    told_labels += [described_labels(description) for description in prompts]
         row: dict[str, Any] = {
             "text_image": _mean(text_image),
             "previous_image": _mean(previous),
@@ -158,21 +160,28 @@ def score_images(
             row["objects_per_image"] = _mean(counts)
             row["object_histogram"] = {str(k): v for k, v in ObjectCounter.histogram(counts).items()}
         if predicted_labels:
-            characters = character_scores(
-                [t["characters"] for t in true_labels],
-                [p["characters"] for p in predicted_labels],
-                labels=measures.classifier.characters,
-            )
-            backgrounds = background_scores(
-                [t.get("background") for t in true_labels], [p.get("background") for p in predicted_labels]
-            )
-            row.update({"character_accuracy": characters["accuracy"], "character_f1": characters["f1"]})
-            if backgrounds is not None:
-                row.update(
-                    {"background_accuracy": backgrounds["accuracy"], "background_f1": backgrounds["f1"]}
-                )
+            row.update(_label_scores(true_labels, predicted_labels, measures.classifier.characters))
+        if told_labels and any(labels["characters"] for labels in told_labels):
+            # The autoregressive pipeline cannot know what the true story does next (a new actor, a new
+            # place); this asks instead whether each frame shows what the pipeline's own description says.
+            told = _label_scores(told_labels, predicted_labels, measures.classifier.characters)
+            row.update({f"told_{name}": value for name, value in told.items()})
         table[method] = row
     return table
+
+
+def _label_scores(true_labels: list[dict], predicted_labels: list[dict], characters: list[str]) -> dict:
+    """Make-A-Story's character accuracy/F1 and background accuracy/F1 of classifier predictions."""
+    character = character_scores(
+        [t["characters"] for t in true_labels], [p["characters"] for p in predicted_labels], labels=characters
+    )
+    scores = {"character_accuracy": character["accuracy"], "character_f1": character["f1"]}
+    background = background_scores(
+        [t.get("background") for t in true_labels], [p.get("background") for p in predicted_labels]
+    )
+    if background is not None:
+        scores.update({"background_accuracy": background["accuracy"], "background_f1": background["f1"]})
+    return scores
 
 
 def score_intrinsic(records: list[dict], stories: list[VistStory], measures: Measures) -> dict[str, dict]:

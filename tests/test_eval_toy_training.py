@@ -16,7 +16,12 @@ from eval.baselines import TextOnlyBaseline
 from eval.clip_training import METRICS_FILE as CLIP_METRICS
 from eval.clip_training import collect_pairs, contrastive_loss, retrieval_accuracy, train_clip
 from eval.config import ClipTrainConfig, EvalConfig, TextBaselineTrainConfig
-from eval.referential_metrics import is_pronoun_caption, named_characters, referential_scores
+from eval.referential_metrics import (
+    described_labels,
+    is_pronoun_caption,
+    named_characters,
+    referential_scores,
+)
 from eval.runner import EvalModels, generate_story_outputs
 from eval.text_baseline_training import METRICS_FILE as LM_METRICS
 from eval.text_baseline_training import train_text_baseline
@@ -248,3 +253,16 @@ def test_the_memory_generator_loads_with_memory_attention(tiny_sd):
     assert generator.model.context_kind == "memory" and generator.cfg.base_model == str(tiny_sd)
     assert generator.cfg.resolution == cfg.generator.resolution  # the generator section's other settings
     assert wiring.load_memory_frame_generator(wiring.resolve_config(preset="tiny")) is None
+
+
+def test_described_labels_read_characters_and_place_from_a_description():
+    assert described_labels("A red circle and a blue square dance to music on a snowy field.") == {
+        "characters": ["Bruno", "Rosa"],
+        "background": "snowy_field",
+    }
+    assert described_labels("An orange hexagon sleeps in a green meadow.") == {
+        "characters": ["Otto"],
+        "background": "meadow",
+    }
+    assert described_labels("A red circle waves hello.")["background"] is None  # no place named
+    assert described_labels("she danced")["characters"] == []
