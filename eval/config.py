@@ -35,6 +35,9 @@ class EvalConfig:
     # folder: adds the rows memory_story_captions_refs and memory_non_ar. None skips them.
     memory_generator_model: str | None = None
     image_modes: list[str] = field(default_factory=lambda: list(IMAGE_MODES))
+    # Decoding of our captioners in the text rows: 0 = greedy, as both baselines decode, so the rows
+    # compare models and not sampling. The autoregressive stories keep captioner.temperature.
+    text_temperature: float = 0.0
     seed: int = 0
     # Build tiny offline models into the clip/detector/text-baseline folders that do not exist yet.
     build_tiny_models: bool = False
@@ -49,6 +52,8 @@ class EvalConfig:
             raise ConfigError("eval.max_stories must be >= 1 or null")
         if not 0 < self.detector_threshold <= 1:
             raise ConfigError(f"eval.detector_threshold must be in (0, 1], got {self.detector_threshold}")
+        if self.text_temperature < 0:
+            raise ConfigError(f"eval.text_temperature must be >= 0, got {self.text_temperature}")
         if self.kl_epsilon <= 0:
             raise ConfigError(f"eval.kl_epsilon must be > 0, got {self.kl_epsilon}")
         unknown = [mode for mode in self.image_modes if mode not in IMAGE_MODES]

@@ -11,6 +11,7 @@ with no adapter configured is answered zero-shot by the base; ``zero_shot_tasks`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -72,6 +73,13 @@ class Captioners:
                 ) from exc
             adapters.append(task)
         return cls(model, processor, adapters, cfg)
+
+    def with_temperature(self, temperature: float) -> Captioners:
+        """The same loaded model and adapters, decoding at another temperature (0 = greedy)."""
+        return Captioners(
+            self.model, self.processor, self.adapters,
+            dataclasses.replace(self.cfg, temperature=temperature), self.prompts,
+        )  # fmt: skip
 
     @property
     def zero_shot_tasks(self) -> tuple[str, ...]:

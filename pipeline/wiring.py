@@ -208,7 +208,7 @@ def run_eval(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None)
         )
 
     models = EvalModels(
-        captioners=captioners,
+        captioners=captioners.with_temperature(ecfg.text_temperature),
         illustrator=generator,
         memory_illustrator=memory_generator,
         tell_story=tell_story,

@@ -156,3 +156,16 @@ def test_bad_calls_are_rejected(captioners, llava_samples):
         captioners.next_story_captions(images, [CAPTIONS[0]])
     with pytest.raises(ValueError, match="non-empty"):
         captioners.describe(images[0], " ", NEXT_CAPTIONS[0])
+
+
+def test_with_temperature_shares_the_model_and_changes_only_the_decoding(adapters, llava_samples):
+    warm = Captioners.from_config(
+        dataclasses.replace(adapters, temperature=1.5, top_p=1.0, story_adapter=None)
+    )
+    greedy = warm.with_temperature(0.0)
+    assert greedy.model is warm.model and greedy.adapters == warm.adapters
+    assert greedy.cfg.temperature == 0.0 and warm.cfg.temperature == 1.5  # the original is untouched
+    image = frame_images(llava_samples)[0]
+    sampled = {warm.next_story_caption(image, CAPTIONS[0], seed=s) for s in range(4)}
+    decoded = {greedy.next_story_caption(image, CAPTIONS[0], seed=s) for s in range(4)}
+    assert len(sampled) > 1 and len(decoded) == 1  # greedy ignores the seed
