@@ -16,6 +16,7 @@ from llava_ft.train import FinetuneRun, train
 from pipeline.cli import app
 from pipeline.errors import StorypipeError
 from pipeline.training import read_log
+from storygen_ft import pretrain as pretrain_module
 from storygen_ft.config import GeneratorConfig, GeneratorPretrainConfig, TinyDiffusionSettings
 from storygen_ft.model import STORY_MODEL_FILE, StoryDiffusion
 from storygen_ft.pretrain import PretrainRun, pretrain
@@ -81,6 +82,54 @@ def test_pretrain_diffusion_learns_a_vae_and_a_unet_into_a_plain_sd_folder(toy_s
     model = StoryDiffusion.from_pretrained(out)  # loads as a base; context layers are added fresh
     assert model.vae.config.scaling_factor != pytest.approx(0.18215)  # set from the latents' spread
     assert model.unet.down_blocks[0].__class__.__name__ == "DownBlock2D"  # no attention on level 0
+
+
+@pytest.mark.parametrize("crash_step", [3, 7], ids=["in-the-vae-phase", "in-the-unet-phase"])
+def test_pretrain_diffusion_resumes_after_a_crash_with_the_uninterrupted_losses(
+    toy_stories, tmp_path, monkeypatch, crash_step
+):
+    cfg = GeneratorConfig(
+        base_model=str(tmp_path / "unused"),
+        resolution=16,
+        tiny=TinyDiffusionSettings(
+            block_channels=(8, 16), vae_channels=(8, 16), cross_attention_dim=16, attention_head_dim=8,
+            levels_without_attention=1, norm_groups=4, vae_mid_attention=False,
+        ),
+        pretrain=GeneratorPretrainConfig(
+            vae_steps=4, vae_batch_size=4, unet_steps=4, batch_size=4, warmup_steps=1,
+            checkpoint_every=2, text_dropout=0.5, story_caption_probability=0.5,
+        ),
+    )  # fmt: skip
+    straight = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "straight"))
+    expected = read_log(straight / "train_log.jsonl")
+
+    real_append = pretrain_module.append_log
+
+    def crash(path, record):
+        real_append(path, record)
+        if record["step"] == crash_step:
+            raise KeyboardInterrupt  # killed after this step; the newest checkpoint is the step before
+
+    monkeypatch.setattr(pretrain_module, "append_log", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed"))
+    monkeypatch.setattr(pretrain_module, "append_log", real_append)
+    with pytest.raises(StorypipeError, match="pass --resume"):
+        pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed"))
+    resumed_dir = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed", resume=True))
+    resumed = read_log(resumed_dir / "train_log.jsonl")
+
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # the crashed step ran again, once
+    for want, got in zip(expected, resumed, strict=True):
+        assert got["phase"] == want["phase"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+    want_model, got_model = (
+        StoryDiffusion.from_pretrained(straight),
+        StoryDiffusion.from_pretrained(resumed_dir),
+    )
+    for part in ("unet", "vae"):
+        want, got = getattr(want_model, part).state_dict(), getattr(got_model, part).state_dict()
+        assert all(torch.allclose(want[name], got[name], atol=1e-6) for name in want), part
 
 
 def test_pretrain_diffusion_needs_its_settings(toy_stories, tmp_path):
