@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `make toy`: generate ShapeStories and train every toy model on the CPU, with the project's own commands.
 #
-# Two chains run side by side, one CPU thread each (tiny models gain little from a second thread):
-#   captioners: prepare-llava -> pretrain-llava (base from scratch) -> finetune-llava story, description
-#   images:     train-clip -> pretrain-diffusion (VAE + UNet; CLIP's text tower) -> finetune-storygen
-#               (StoryGen context) -> finetune-storygen (memory attention) -> train-classifier
-# and the text-only baseline LM trains at the end of the captioner chain.
+# Two phases, each running two chains side by side with one CPU thread each (tiny models gain little
+# from a second thread); the chains of a phase are balanced to take about the same time:
+#   phase 1  captioners: prepare-llava -> pretrain-llava (base from scratch) -> finetune-llava story,
+#                        description -> train-text-baseline
+#            diffusion:  train-clip -> pretrain-diffusion (VAE + UNet; CLIP's text tower as text encoder)
+#   phase 2  StoryGen:   finetune-storygen (context layers on the phase-1 base)
+#            the rest:   finetune-storygen (memory attention) -> train-classifier
 # Models go to $TOY_MODELS (default models/toy, the shipped ones); data and logs to $TOY_RUNS.
 set -euo pipefail
 
@@ -55,32 +57,42 @@ captioners() {
         --out "$MODELS/text-baseline" "${PRESET[@]}"
 }
 
-images() {
+diffusion_base() {
     fresh "$MODELS/clip"
     stage train-clip "$MODELS/clip" "$STORYPIPE" train-clip --data "$RUNS/data" --out "$MODELS/clip" "${PRESET[@]}"
     fresh "$RUNS/sd-base"
     stage pretrain-diffusion "$RUNS/sd-base" "$STORYPIPE" pretrain-diffusion --data "$RUNS/data" \
         --out "$RUNS/sd-base" "${PRESET[@]}" --set "generator.tiny.text_encoder=$MODELS/clip"
-    for context in storygen memory; do
-        local out="$MODELS/storygen"
-        [ "$context" = memory ] && out="$MODELS/storygen-memory"
-        fresh "$out"
-        stage "finetune-storygen-$context" "$out" "$STORYPIPE" finetune-storygen --data "$RUNS/data" --out "$out" \
-            "${PRESET[@]}" --set "generator.base_model=$RUNS/sd-base" --set "generator.context=$context"
-    done
+}
+
+# context_layers KIND OUT: finetune-storygen's context layers (storygen or memory) on the phase-1 base.
+context_layers() {
+    fresh "$2"
+    stage "finetune-storygen-$1" "$2" "$STORYPIPE" finetune-storygen --data "$RUNS/data" --out "$2" \
+        "${PRESET[@]}" --set "generator.base_model=$RUNS/sd-base" --set "generator.context=$1"
+}
+
+storygen_context() { context_layers storygen "$MODELS/storygen"; }
+
+the_rest() {
+    context_layers memory "$MODELS/storygen-memory"
     fresh "$MODELS/classifier"
     stage train-classifier "$MODELS/classifier" "$STORYPIPE" train-classifier --data "$RUNS/data" \
         --out "$MODELS/classifier" "${PRESET[@]}"
 }
 
-captioners &
-captioner_chain=$!
-images &
-image_chain=$!
-status=0
-wait "$captioner_chain" || status=1
-wait "$image_chain" || status=1
-[ "$status" = 0 ] || { echo "toy: a stage failed (logs in $LOGS)" >&2; exit 1; }
+# side_by_side F G: run two chains at once; fail (after both end) if either failed.
+side_by_side() {
+    "$1" &
+    local first=$! status=0
+    "$2" &
+    wait "$first" || status=1
+    wait $! || status=1
+    [ "$status" = 0 ] || { echo "toy: a stage failed (logs in $LOGS)" >&2; exit 1; }
+}
+
+side_by_side captioners diffusion_base
+side_by_side storygen_context the_rest
 rm -rf "$RUNS/sd-base"/checkpoints
 du -sh "$MODELS" | sed 's/^/toy: models in all: /'
 echo "toy: done in $(($(date +%s) - started))s; try: make demo"
