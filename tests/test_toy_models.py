@@ -59,18 +59,23 @@ def test_pretraining_without_its_settings_is_a_clear_error(llava_samples, tmp_pa
                           tmp_path / "out", full_parameters=True))  # fmt: skip
 
 
-def test_pretrain_diffusion_learns_a_vae_and_a_unet_into_a_plain_sd_folder(toy_stories, tmp_path):
-    cfg = GeneratorConfig(
+def tiny_pretrain_config(tmp_path, resolution: int, channels: tuple[int, int], **pretrain) -> GeneratorConfig:
+    """A pretrain-diffusion config with a tiny VAE and UNet (no attention on level 0, like the toy preset)."""
+    return GeneratorConfig(
         base_model=str(tmp_path / "unused"),
-        resolution=32,
+        resolution=resolution,
         tiny=TinyDiffusionSettings(
-            block_channels=(16, 32), vae_channels=(16, 32), cross_attention_dim=16, attention_head_dim=8,
+            block_channels=channels, vae_channels=channels, cross_attention_dim=16, attention_head_dim=8,
             levels_without_attention=1, norm_groups=4, vae_mid_attention=False,
         ),
-        pretrain=GeneratorPretrainConfig(
-            vae_steps=25, vae_batch_size=8, vae_learning_rate=3e-3, unet_steps=4, batch_size=4,
-            warmup_steps=0, checkpoint_every=1000,
-        ),
+        pretrain=GeneratorPretrainConfig(**pretrain),
+    )  # fmt: skip
+
+
+def test_pretrain_diffusion_learns_a_vae_and_a_unet_into_a_plain_sd_folder(toy_stories, tmp_path):
+    cfg = tiny_pretrain_config(
+        tmp_path, resolution=32, channels=(16, 32), vae_steps=25, vae_batch_size=8, vae_learning_rate=3e-3,
+        unet_steps=4, batch_size=4, warmup_steps=0, checkpoint_every=1000,
     )  # fmt: skip
     out = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "base"))
     assert (out / "model_index.json").is_file() and not (out / STORY_MODEL_FILE).exists()
@@ -88,17 +93,9 @@ def test_pretrain_diffusion_learns_a_vae_and_a_unet_into_a_plain_sd_folder(toy_s
 def test_pretrain_diffusion_resumes_after_a_crash_with_the_uninterrupted_losses(
     toy_stories, tmp_path, monkeypatch, crash_step
 ):
-    cfg = GeneratorConfig(
-        base_model=str(tmp_path / "unused"),
-        resolution=16,
-        tiny=TinyDiffusionSettings(
-            block_channels=(8, 16), vae_channels=(8, 16), cross_attention_dim=16, attention_head_dim=8,
-            levels_without_attention=1, norm_groups=4, vae_mid_attention=False,
-        ),
-        pretrain=GeneratorPretrainConfig(
-            vae_steps=4, vae_batch_size=4, unet_steps=4, batch_size=4, warmup_steps=1,
-            checkpoint_every=2, text_dropout=0.5, story_caption_probability=0.5,
-        ),
+    cfg = tiny_pretrain_config(
+        tmp_path, resolution=16, channels=(8, 16), vae_steps=4, vae_batch_size=4, unet_steps=4, batch_size=4,
+        warmup_steps=1, checkpoint_every=2, text_dropout=0.5, story_caption_probability=0.5,
     )  # fmt: skip
     straight = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "straight"))
     expected = read_log(straight / "train_log.jsonl")
