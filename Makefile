@@ -79,7 +79,7 @@ finetune-storygen:
 eval: $(if $(filter toy,$(PRESET)),$(TOY_DATA)/sis)
 	$(STORYPIPE) eval --data $(EVAL_DATA) --out $(RUNS)/eval-$(PRESET) --preset $(PRESET)
 
-# Every toy model from scratch on the CPU (about 30 minutes on 2 cores); see scripts/make-toy.sh.
+# Every toy model from scratch on the CPU (about 25 minutes on 2 cores); see scripts/make-toy.sh.
 toy: $(VENV)/.installed
 	STORYPIPE=$(STORYPIPE) TOY_MODELS=$(TOY_MODELS) TOY_RUNS=$(TOY_RUNS) bash scripts/make-toy.sh
 
