@@ -16,6 +16,7 @@ from eval.baselines import TextOnlyBaseline
 from eval.clip_training import METRICS_FILE as CLIP_METRICS
 from eval.clip_training import collect_pairs, contrastive_loss, retrieval_accuracy, train_clip
 from eval.config import ClipTrainConfig, EvalConfig, TextBaselineTrainConfig
+from eval.image_metrics import ClipSimilarity
 from eval.referential_metrics import (
     described_labels,
     is_pronoun_caption,
@@ -23,6 +24,7 @@ from eval.referential_metrics import (
     referential_scores,
 )
 from eval.runner import EvalModels, generate_story_outputs
+from eval.scoring import Measures, score_images
 from eval.text_baseline_training import METRICS_FILE as LM_METRICS
 from eval.text_baseline_training import train_text_baseline
 from pipeline import wiring
@@ -266,3 +268,43 @@ def test_described_labels_read_characters_and_place_from_a_description():
     }
     assert described_labels("A red circle waves hello.")["background"] is None  # no place named
     assert described_labels("she danced")["characters"] == []
+
+
+class _FixedClassifier:
+    """Predicts the same labels for every frame."""
+
+    characters = ["Rosa", "Bruno"]
+
+    def __init__(self, labels: dict) -> None:
+        self.labels = labels
+
+    def predict(self, images):
+        return [dict(self.labels) for _ in images]
+
+
+def test_autoregressive_frames_are_also_scored_against_the_story_the_pipeline_told(
+    trained_clip, shapestories, tmp_path
+):
+    stories = load_vist_split(shapestories, "test").stories[:2]
+    told = ["A red circle waves hello in a green meadow."] * 4
+    records = [
+        {
+            "story_id": story.story_id,
+            "images": {"ours_ar": [str(Path(frame.image_path).resolve()) for frame in story.frames[1:]]},
+            "ar_descriptions": told if i == 0 else told[:3] + ["A blue square sleeps on a snowy field."],
+        }
+        for i, story in enumerate(stories)
+    ]
+    measures = Measures(
+        sentence=None,
+        clip=ClipSimilarity.load(trained_clip[0]),
+        classifier=_FixedClassifier({"characters": ["Rosa"], "background": "meadow"}),
+    )
+    row = score_images(records, stories, measures, tmp_path)["ours_ar"]
+    # Against its own story: every frame shows what the description named, but for the last frame.
+    assert row["told_character_accuracy"] == pytest.approx(7 / 8)
+    assert row["told_background_accuracy"] == pytest.approx(7 / 8)
+    # Against the true story: the frames whose true labels are exactly Rosa in the meadow.
+    truth = [frame.labels for story in stories for frame in story.frames[1:]]
+    assert row["character_accuracy"] == pytest.approx(sum(t["characters"] == ["Rosa"] for t in truth) / 8)
+    assert row["background_accuracy"] == pytest.approx(sum(t["background"] == "meadow" for t in truth) / 8)
