@@ -12,7 +12,7 @@ NLTK_DATA_DIR := $(VENV)/nltk_data
 
 # Training and evaluation entry points. Override on the command line, e.g.
 #   make finetune-llava LLAVA_DATA=data/llava-10k
-#   make finetune-llava STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m pipeline.cli"
+#   make finetune-llava STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m storypipe.cli"
 PRESET     ?= vist
 STORYPIPE  ?= $(VENV)/bin/storypipe
 LLAVA_DATA ?= data/llava
@@ -75,7 +75,7 @@ finetune-storygen:
 	$(STORYPIPE) finetune-storygen --data $(STORY_DATA) --out $(RUNS)/storygen --preset $(PRESET) $(RESUME)
 
 # The papers' metric tables on EVAL_DATA's test split, into $(RUNS)/eval-$(PRESET)/results.md.
-# Several GPUs: make eval STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m pipeline.cli"
+# Several GPUs: make eval STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m storypipe.cli"
 eval: $(if $(filter toy,$(PRESET)),$(TOY_DATA)/sis)
 	$(STORYPIPE) eval --data $(EVAL_DATA) --out $(RUNS)/eval-$(PRESET) --preset $(PRESET)
 

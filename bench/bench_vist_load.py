@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.vist import (
+from pipeline.data.vist import (
     dii_annotation,
     dii_path,
     images_dir,

@@ -8,7 +8,6 @@ offline tiny one for tests and the tiny preset.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -17,13 +16,9 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from pipeline.errors import StorypipeError, model_load_error
-from pipeline.io import atomic_write_folder
-from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 
 CAPTION_QUESTION = "Describe the image in one sentence."
 STORY_PROMPT = "Here is a story, one sentence per line.\n{story}\n"
@@ -111,25 +106,3 @@ class TextOnlyBaseline:
         return _first_line(
             self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         )
-
-
-def build_tiny_causal_lm(folder: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """A randomly initialised tiny Llama and its offline tokenizer, saved as a normal model folder."""
-    special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    tokenizer = build_byte_bpe_tokenizer(
-        vocab_size, tiny_corpus(extra=[STORY_PROMPT]), special, template="<s> $A"
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    return atomic_write_folder(folder, write)

@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.shapestories import BACKGROUNDS, CHARACTERS, CONNECTIVES
+from pipeline.data.shapestories import BACKGROUNDS, CHARACTERS, CONNECTIVES
 
 SUBJECT_PRONOUNS = ("he", "she", "they")
 CHARACTER_NAMES = frozenset(character.name for character in CHARACTERS)

@@ -39,10 +39,10 @@ from eval.config import EvalConfig
 from eval.report import write_results
 from eval.scoring import IMAGE_METHODS as IMAGE_METHODS  # re-exported: the image methods, in table order
 from eval.scoring import Measures, score_images, score_intrinsic, score_text
+from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.orchestrator import FrameIllustrator
-from pipeline.vist import VistStory, load_vist_split
 
 CACHE_DIR = "cache"
 IMAGES_DIR = "images"
@@ -51,7 +51,7 @@ TEXT_METHODS = ("ours_story_next", "ours_description", "ours_ar", "caption_basel
 
 
 # --------------------------------------------------------------------------------------------
-# What the evaluation runs: small interfaces, implemented by the stages and wired in pipeline.wiring
+# What the evaluation runs: small interfaces, implemented by the stages and wired in storypipe.wiring
 # --------------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ from eval.image_metrics import (
 )
 from eval.referential_metrics import described_labels, referential_scores
 from eval.text_metrics import SentenceSimilarity, count_pronouns, meteor, top_word_frequencies, word_kl
-from pipeline.vist import VistStory, load_rgb
+from pipeline.data.vist import VistStory
+from pipeline.io import load_rgb
 
 # Image methods in table order (eval/runner.py describes each).
 IMAGE_METHODS = (

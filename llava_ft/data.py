@@ -17,8 +17,8 @@ from transformers import LlavaProcessor
 
 from llava_ft.model import chat_prompt
 from pipeline.errors import DataError
+from pipeline.io import load_rgb
 from pipeline.prompts import IMAGE_TOKEN
-from pipeline.vist import load_rgb
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross-entropy default)
 HUMAN_PREFIX = f"{IMAGE_TOKEN}\n"

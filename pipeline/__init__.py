@@ -1,7 +1,6 @@
-"""storypipe's shared layer: story types, config, datasets, prompts, and the orchestrator.
+"""storypipe's shared core: story types, config loading, data readers, prompts, the orchestrator and the
+story folder.
 
-The stage packages (``llava_ft``, ``storygen_ft``, ``eval``) import this package and never each
-other; ``pipeline.wiring`` is the one module that brings them together.
+It imports no stage (``llava_ft``, ``storygen_ft``, ``eval``, ``toy``) and not the app layer
+(``storypipe``); they import it. ``tests/test_layout.py`` enforces the layering.
 """
-
-__version__ = "0.1.0"

@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class ToyDataConfig:
-    """ShapeStories, the procedurally generated story world (see ``pipeline.shapestories``)."""
+    """ShapeStories, the procedurally generated story world (see ``pipeline.data.shapestories``)."""
 
     stories: int = 1000
     seed: int = 0

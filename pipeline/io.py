@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves a half-written file behind.
+"""Image and file I/O: one image decoder, and atomic writes (a crash never leaves a half-written file).
 
 Every writer goes to a temporary file in the same folder, then ``os.replace`` swaps it in, which is
 atomic on POSIX and Windows.
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image
+
+from pipeline.errors import DataError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -75,3 +77,32 @@ def atomic_write_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images
+# --------------------------------------------------------------------------------------------
+
+
+class ImageDecodeError(DataError):
+    """An image file exists but cannot be decoded."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Fully decode ``path`` and return it as RGB, whatever its mode (L, P, RGBA, CMYK, ...).
+
+    Transparent pixels (RGBA, LA, palette transparency) are composited onto white, so a transparent
+    background does not turn into arbitrary colours. GIFs give their first frame.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # force a full decode: truncated files fail here, not later
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA", "PA"):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{path} does not decode as an image: {exc}") from exc

@@ -54,7 +54,7 @@ def save_staged_image(folder: Path, image: Image.Image) -> str:
 
 
 def load_frame_image(folder: Path, relative: str) -> Image.Image:
-    from pipeline.vist import load_rgb
+    from pipeline.io import load_rgb
 
     return load_rgb(folder / relative)
 

@@ -19,7 +19,7 @@ CORPUS_STORIES = 300  # ShapeStories stories whose captions train the tiny token
 
 def tiny_corpus(extra: Iterable[str] = ()) -> list[str]:
     """The prompt templates, ShapeStories' captions and descriptions, and ``extra`` lines."""
-    from pipeline.shapestories import describe_frame, plan_story, story_captions
+    from pipeline.data.shapestories import describe_frame, plan_story, story_captions
 
     prompts = PromptTemplates.load()
     rng = random.Random(0)

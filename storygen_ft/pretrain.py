@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModel
 
 from pipeline.config import save_resolved_config
+from pipeline.data.vist import load_vist_split
 from pipeline.errors import DataError, StorypipeError
+from pipeline.io import ImageDecodeError, load_rgb
 from pipeline.training import (
     CHECKPOINTS_DIR,
     LOG_FILE,
@@ -40,7 +42,6 @@ from pipeline.training import (
     warmup_cosine_schedule,
     write_checkpoint,
 )
-from pipeline.vist import ImageDecodeError, load_rgb, load_vist_split
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import (
     SCHEDULER_CLASSES,

@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 from transformers import get_constant_schedule_with_warmup
 
 from pipeline.config import save_resolved_config
+from pipeline.data.vist import VistFrame, VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
+from pipeline.io import ImageDecodeError, load_rgb
 from pipeline.training import (
     CHECKPOINTS_DIR,
     LOG_FILE,
@@ -39,7 +41,6 @@ from pipeline.training import (
     truncate_log,
     write_checkpoint,
 )
-from pipeline.vist import ImageDecodeError, VistFrame, VistStory, load_rgb, load_vist_split
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
 

@@ -36,7 +36,7 @@ def tiny_sd(tmp_path_factory):
 def toy_stories(tmp_path_factory):
     """A small ShapeStories dataset in VIST layout."""
     from pipeline.config import ToyDataConfig
-    from pipeline.shapestories import generate_shapestories
+    from pipeline.data.shapestories import generate_shapestories
 
     out = tmp_path_factory.mktemp("toy")
     generate_shapestories(

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from llava_ft.config import CaptionerConfig, CaptionerTrainConfig, LoraSettings
-from pipeline.llava_data import conversation
+from llava_ft.prepare import conversation
 from pipeline.prompts import PromptTemplates
 
 CAPTIONS = ("Rosa ran very fast.", "Bruno waved hello.")

@@ -11,22 +11,15 @@ from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 
 from eval.classification_metrics import background_scores, character_scores
-from eval.classifier import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ClassifierTrainConfig,
-    FrameClassifier,
-    evaluate_classifier,
-    images_to_uint8,
-    load_labelled_frames,
-    normalize,
-    train_classifier,
-)
+from eval.classifier import CONFIG_FILE, WEIGHTS_FILE, FrameClassifier, images_to_uint8, normalize
 from pipeline.config import ToyDataConfig
+from pipeline.data.shapestories import generate_shapestories
+from pipeline.data.vist import sis_path
 from pipeline.errors import ConfigError, DataError, StorypipeError
-from pipeline.shapestories import generate_shapestories
+from pipeline.io import load_rgb
 from pipeline.training import LOG_FILE, read_log
-from pipeline.vist import load_rgb, sis_path
+from toy.classifier import evaluate_classifier, load_labelled_frames, train_classifier
+from toy.config import ClassifierTrainConfig
 
 # --------------------------------------------------------------------------------------------
 # Metrics on hand-made examples

@@ -7,8 +7,8 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.vist import load_vist_split
+from pipeline.data.vist import load_vist_split
+from storypipe.cli import app
 
 runner = CliRunner()
 

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llava_ft.train import FinetuneRun, train
-from pipeline.cli import app
 from pipeline.training import read_log
+from storypipe.cli import app
 from tests.llava_fixtures import CAPTIONS, tiny_captioner_config
 
 runner = CliRunner()

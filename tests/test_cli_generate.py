@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.story import Story
+from storypipe.cli import app
 
 runner = CliRunner()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.vist import load_vist_split
+from pipeline.data.vist import load_vist_split
 from storygen_ft.model import StoryDiffusion
+from storypipe.cli import app
 from tests.test_storysv import write_flintstones
 
 runner = CliRunner()

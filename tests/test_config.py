@@ -8,10 +8,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import PRESETS_DIR, config_to_dict, load_config, save_resolved_config
 from pipeline.errors import ConfigError
-from pipeline.wiring import StorypipeConfig, resolve_config
+from storypipe.cli import app
+from storypipe.wiring import StorypipeConfig, resolve_config
 
 runner = CliRunner()
 

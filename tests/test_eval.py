@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from eval.referential_metrics import is_pronoun_caption
 from eval.report import IMAGE_ROWS, TEXT_ROWS
 from eval.runner import IMAGE_METHODS, TEXT_METHODS
-from pipeline.cli import app
 from pipeline.config import ToyDataConfig
-from pipeline.shapestories import generate_shapestories
-from pipeline.vist import load_vist_split
+from pipeline.data.shapestories import generate_shapestories
+from pipeline.data.vist import load_vist_split
+from storypipe.cli import app
 
 runner = CliRunner()
 IMAGE_COLUMNS = ("text_image", "previous_image", "total_story", "objects_per_image",

@@ -13,9 +13,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModel
 from typer.testing import CliRunner
 
 from eval.baselines import TextOnlyBaseline
-from eval.clip_training import METRICS_FILE as CLIP_METRICS
-from eval.clip_training import collect_pairs, contrastive_loss, retrieval_accuracy, train_clip
-from eval.config import ClipTrainConfig, EvalConfig, TextBaselineTrainConfig
+from eval.config import EvalConfig
 from eval.image_metrics import ClipSimilarity
 from eval.referential_metrics import (
     described_labels,
@@ -25,14 +23,17 @@ from eval.referential_metrics import (
 )
 from eval.runner import EvalModels, generate_story_outputs
 from eval.scoring import Measures, score_images
-from eval.text_baseline_training import METRICS_FILE as LM_METRICS
-from eval.text_baseline_training import train_text_baseline
-from pipeline import wiring
-from pipeline.cli import app
 from pipeline.config import RESOLVED_CONFIG_NAME, ToyDataConfig
+from pipeline.data.shapestories import CONNECTIVES, generate_shapestories
+from pipeline.data.vist import load_vist_split
 from pipeline.errors import ConfigError, DataError
-from pipeline.shapestories import CONNECTIVES, generate_shapestories
-from pipeline.vist import load_vist_split
+from storypipe import wiring
+from storypipe.cli import app
+from toy.clip import METRICS_FILE as CLIP_METRICS
+from toy.clip import collect_pairs, contrastive_loss, retrieval_accuracy, train_clip
+from toy.config import ClipTrainConfig, TextBaselineTrainConfig
+from toy.text_lm import METRICS_FILE as LM_METRICS
+from toy.text_lm import train_text_baseline
 
 runner = CliRunner()
 CONNECTIVE_WORDS = tuple(c.rstrip(",").lower() for c in CONNECTIVES)  # "then", "next", "after that", "later"

@@ -37,7 +37,7 @@ from eval.image_metrics import (
     previous_image_similarity,
     total_story_similarity,
 )
-from eval.tiny_models import build_tiny_clip, build_tiny_detector
+from toy.builders import build_tiny_clip, build_tiny_detector
 
 
 def _noise_images(count: int, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[Image.Image]:

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from llava_ft.prepare import prepare_llava
 from pipeline.config import DataConfig
-from pipeline.llava_data import prepare_llava
+from storypipe.cli import app
 from tests.vist_fixture import SPLIT, USABLE_IDS, build_quirky_vist, caption, long_description, photo_id
 
 runner = CliRunner()

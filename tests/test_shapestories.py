@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ToyDataConfig
-from pipeline.shapestories import (
+from pipeline.data.shapestories import (
     ACTIONS,
     BACKGROUNDS,
     BLACK,
@@ -27,7 +27,8 @@ from pipeline.shapestories import (
     generate_shapestories,
     render_frame,
 )
-from pipeline.vist import SPLITS, VistFrame, dii_path, load_rgb, load_vist_split, sis_path
+from pipeline.data.vist import SPLITS, VistFrame, dii_path, load_vist_split, sis_path
+from pipeline.io import load_rgb
 
 CFG = ToyDataConfig(stories=30, seed=3, image_size=64)
 MIN_ACTOR_PIXELS = 25  # a squashed two-actor triangle or diamond at 64x64 still covers ~50 pixels

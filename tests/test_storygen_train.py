@@ -8,10 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pipeline.config import ToyDataConfig
+from pipeline.data.shapestories import generate_shapestories
+from pipeline.data.vist import load_vist_split
 from pipeline.errors import DataError, StorypipeError
-from pipeline.shapestories import generate_shapestories
 from pipeline.training import read_log
-from pipeline.vist import load_vist_split
 from storygen_ft import train as train_module
 from storygen_ft.config import GeneratorConfig, GeneratorTrainConfig
 from storygen_ft.generator import FrameGenerator

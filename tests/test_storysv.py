@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import DataError
-from pipeline.referential import (
+from pipeline.data.referential import (
     FLINTSTONES_ALIASES,
     FLINTSTONES_PRONOUNS,
     PORORO_PRONOUNS,
     referential_captions,
 )
-from pipeline.storysv import convert_storysv
-from pipeline.vist import SPLITS, VistSplit, dii_path, load_rgb, load_vist_split, sis_path
+from pipeline.data.storysv import convert_storysv
+from pipeline.data.vist import SPLITS, VistSplit, dii_path, load_vist_split, sis_path
+from pipeline.errors import DataError
+from pipeline.io import load_rgb
 
 SIZE = 32  # frame side in pixels
 FRAMES_PER_CLIP = 5  # FlintstonesSV video_frames_sampled clips hold 5 frames

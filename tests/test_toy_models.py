@@ -13,13 +13,13 @@ from eval.classifier import FrameClassifier
 from llava_ft.config import CaptionerTrainConfig, TinyLlavaSettings
 from llava_ft.model import build_tiny_llava, load_llava
 from llava_ft.train import FinetuneRun, train
-from pipeline.cli import app
 from pipeline.errors import StorypipeError
 from pipeline.training import read_log
 from storygen_ft import pretrain as pretrain_module
 from storygen_ft.config import GeneratorConfig, GeneratorPretrainConfig, TinyDiffusionSettings
 from storygen_ft.model import STORY_MODEL_FILE, StoryDiffusion
 from storygen_ft.pretrain import PretrainRun, pretrain
+from storypipe.cli import app
 from tests.llava_fixtures import tiny_captioner_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,9 +7,10 @@ import json
 import pytest
 from PIL import Image
 
-from pipeline import vist
+from pipeline.data import vist
+from pipeline.data.vist import load_vist_split
 from pipeline.errors import DataError
-from pipeline.vist import load_rgb, load_vist_split
+from pipeline.io import load_rgb
 from tests.vist_fixture import (
     DROPPED,
     GRAY_LEVEL,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.vist import dii_annotation, dii_path, images_dir, sis_annotation, sis_path, vist_document
+from pipeline.data.vist import dii_annotation, dii_path, images_dir, sis_annotation, sis_path, vist_document
 
 SPLIT = "train"
 USABLE_IDS = ["99", "101", "102"]

@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised evaluation models, built offline for tests and the ``tiny`` preset.
+"""Tiny, randomly initialised models, built offline: the starting points of the toy trainers, and the
+measuring models of the ``tiny`` preset and the tests (CLIP, an object detector, a causal LM).
 
 Each builder writes a normal model folder atomically (``pipeline.io.atomic_write_folder``) that loads
 through ``from_pretrained`` exactly like a real checkpoint, so the metric code is exercised end to end
@@ -16,12 +17,15 @@ from transformers import (
     CLIPProcessor,
     CLIPTextConfig,
     CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     YolosConfig,
     YolosForObjectDetection,
 )
 from transformers.models.clip import CLIPImageProcessorPil
 from transformers.models.yolos import YolosImageProcessorPil
 
+from eval.baselines import STORY_PROMPT
 from pipeline.io import atomic_write_folder
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 
@@ -145,5 +149,27 @@ def build_tiny_detector(folder: str | Path, seed: int = 0) -> Path:
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         image_processor.save_pretrained(staging)
+
+    return atomic_write_folder(folder, write)
+
+
+def build_tiny_causal_lm(folder: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama and its offline tokenizer, saved as a normal model folder."""
+    special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    tokenizer = build_byte_bpe_tokenizer(
+        vocab_size, tiny_corpus(extra=[STORY_PROMPT]), special, template="<s> $A"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
     return atomic_write_folder(folder, write)

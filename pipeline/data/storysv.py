@@ -1,4 +1,4 @@
-"""FlintstonesSV and PororoSV, converted once into the VIST layout (see :mod:`pipeline.vist`).
+"""FlintstonesSV and PororoSV, converted once into the VIST layout (see :mod:`pipeline.data.vist`).
 
 These are the story-visualisation datasets of StoryGAN, StoryDALL-E, AR-LDM and Make-A-Story. We read
 their *published* layouts, the way those projects' loaders read them, and write::
@@ -44,22 +44,22 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DataError
-from pipeline.io import atomic_save_image
-from pipeline.referential import (
+from pipeline.data.referential import (
     FLINTSTONES_ALIASES,
     FLINTSTONES_PRONOUNS,
     PORORO_ALIASES,
     PORORO_PRONOUNS,
     referential_captions,
 )
-from pipeline.vist import (
+from pipeline.data.vist import (
     SPLITS,
     dii_annotation,
     images_dir,
     sis_annotation,
     write_vist_split,
 )
+from pipeline.errors import DataError
+from pipeline.io import atomic_save_image
 
 Dataset = Literal["flintstones", "pororo"]
 DATASETS: tuple[str, ...] = ("flintstones", "pororo")
@@ -164,7 +164,7 @@ def convert_storysv(
     """Convert FlintstonesSV or PororoSV at ``src`` into the VIST layout under ``out``.
 
     Returns the number of stories per split. With ``referential``, SIS captions get Make-A-Story's
-    referential text (:func:`pipeline.referential.referential_captions`, driven by the frame labels);
+    referential text (:func:`pipeline.data.referential.referential_captions`, driven by the frame labels);
     DII descriptions stay literal. ``progress(n)`` is called with the number of stories just written.
     Every file is written atomically; existing files with the same names are replaced.
     """

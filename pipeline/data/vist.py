@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.io import atomic_write_json
+from pipeline.io import ImageDecodeError, atomic_write_json, load_rgb
 
 SPLITS = ("train", "val", "test")
 
@@ -143,33 +143,9 @@ class VistSplit:
         return lines
 
 
-class ImageDecodeError(DataError):
-    """An image file exists but cannot be decoded."""
-
-
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Fully decode ``path`` and return it as RGB, whatever its mode (L, P, RGBA, CMYK, ...).
-
-    Transparent pixels (RGBA, LA, palette transparency) are composited onto white, so a transparent
-    background does not turn into arbitrary colours. GIFs give their first frame.
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()  # force a full decode: truncated files fail here, not later
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA", "PA"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{path} does not decode as an image: {exc}") from exc
 
 
 def load_vist_split(root: str | Path, split: str, story_length: int = 5) -> VistSplit:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eval.config import ClassifierTrainConfig, ClipTrainConfig, EvalConfig, TextBaselineTrainConfig
+from eval.config import EvalConfig
 from llava_ft.config import CaptionerConfig
 from pipeline.config import (
     DEFAULT_PRESET,
@@ -25,6 +25,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 from storygen_ft.config import GeneratorConfig
+from toy.config import ClassifierTrainConfig, ClipTrainConfig, TextBaselineTrainConfig
 
 if TYPE_CHECKING:
     from llava_ft.captioners import Captioners
@@ -233,21 +234,21 @@ def run_eval(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None)
 
 def train_classifier(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
     """The character/background classifier for Make-A-Story's accuracy and F1."""
-    from eval.classifier import train_classifier as train
+    from toy.classifier import train_classifier as train
 
     return train(data_dir, out_dir, cfg.classifier, progress=progress)
 
 
 def train_clip(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
     """The tiny CLIP, trained on (frame, description) pairs; the whole resolved config is saved with it."""
-    from eval.clip_training import train_clip as train
+    from toy.clip import train_clip as train
 
     return train(data_dir, out_dir, cfg.clip_training, progress=progress, resolved_config=cfg)
 
 
 def train_text_baseline(cfg: StorypipeConfig, data_dir: Path, out_dir: Path, progress=None) -> dict:
     """The tiny text-only LM baseline, trained on story captions; the whole resolved config is saved with it."""
-    from eval.text_baseline_training import train_text_baseline as train
+    from toy.text_lm import train_text_baseline as train
 
     return train(data_dir, out_dir, cfg.text_baseline_training, progress=progress, resolved_config=cfg)
 
@@ -274,8 +275,7 @@ def _load_measures(cfg: StorypipeConfig, device: str):
 
 def _build_missing_tiny_eval_models(cfg: StorypipeConfig) -> None:
     """The tiny preset's measuring models and baselines, built offline into folders that do not exist yet."""
-    from eval.baselines import build_tiny_causal_lm
-    from eval.tiny_models import build_tiny_clip, build_tiny_detector
+    from toy.builders import build_tiny_causal_lm, build_tiny_clip, build_tiny_detector
 
     ecfg = cfg.eval
     if not Path(ecfg.clip_model, "config.json").is_file():

@@ -19,9 +19,9 @@ from typing import Any
 from PIL import Image
 
 from pipeline.config import DataConfig
+from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.prompts import PromptTemplates, llava_human_turn
-from pipeline.vist import VistStory, load_vist_split
 
 STORY_NEXT_FILE = "story_next.json"
 DESCRIPTION_FILE = "description.json"

@@ -29,10 +29,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipeline import wiring
 from pipeline.config import config_to_dict, save_resolved_config
 from pipeline.errors import StorypipeError
-from pipeline.wiring import StorypipeConfig, resolve_config
+from storypipe import wiring
+from storypipe.wiring import StorypipeConfig, resolve_config
 
 app = typer.Typer(
     name="storypipe",
@@ -115,7 +115,7 @@ def toy_data(
     set_: SetOption = None,
 ) -> None:
     """Generate ShapeStories, our procedural story world, in VIST's layout (train/val/test)."""
-    from pipeline.shapestories import generate_shapestories
+    from pipeline.data.shapestories import generate_shapestories
 
     cfg = _config(
         config, preset, set_, **{"toy.stories": stories, "toy.seed": seed, "toy.image_size": image_size}
@@ -148,7 +148,7 @@ def prepare_llava_command(
     set_: SetOption = None,
 ) -> None:
     """Build the captioners' LLaVA training data (story_next.json, description.json, images/)."""
-    from pipeline.llava_data import prepare_llava
+    from llava_ft.prepare import prepare_llava
 
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1", param_hint="--limit")
@@ -246,7 +246,7 @@ def caption_command(
     set_: SetOption = None,
 ) -> None:
     """Print the next story caption and the next frame's description for one image and caption."""
-    from pipeline.vist import load_rgb
+    from pipeline.io import load_rgb
 
     if not caption.strip():
         raise typer.BadParameter("the caption is empty", param_hint="--caption")
@@ -325,7 +325,7 @@ def convert_storysv_command(
     set_: SetOption = None,
 ) -> None:
     """Convert FlintstonesSV or PororoSV into the VIST layout, with character and background labels."""
-    from pipeline.storysv import convert_storysv
+    from pipeline.data.storysv import convert_storysv
 
     if dataset not in ("flintstones", "pororo"):
         raise typer.BadParameter("must be flintstones or pororo", param_hint="--dataset")
@@ -407,7 +407,7 @@ def _report_models(teller) -> None:
 
 
 def _load_seed_image(path: Path, cfg: StorypipeConfig) -> Image.Image:
-    from pipeline.vist import load_rgb
+    from pipeline.io import load_rgb
 
     if not path.is_file():
         raise StorypipeError(f"seed image {path} does not exist")

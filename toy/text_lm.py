@@ -2,7 +2,7 @@
 
 :class:`eval.baselines.TextOnlyBaseline` prompts a causal LM with ``STORY_PROMPT`` around the previous
 story captions, one per line, and keeps the first line it writes greedily. Here the tiny Llama of
-:func:`eval.baselines.build_tiny_causal_lm` is trained from scratch on one sequence per train story::
+:func:`toy.builders.build_tiny_causal_lm` is trained from scratch on one sequence per train story::
 
     <s>Here is a story, one sentence per line.\\n{caption 0}\\n{caption 1}\\n ... {caption n-1}\\n
 
@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.baselines import STORY_PROMPT, TextOnlyBaseline, build_tiny_causal_lm
-from eval.config import TextBaselineTrainConfig
+from eval.baselines import STORY_PROMPT, TextOnlyBaseline
 from pipeline.config import save_resolved_config
+from pipeline.data.vist import load_vist_split, sis_path
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_write_folder, atomic_write_json
 from pipeline.training import LOG_FILE, cpu_threads, warmup_cosine_schedule
-from pipeline.vist import load_vist_split, sis_path
+from toy.builders import build_tiny_causal_lm
+from toy.config import TextBaselineTrainConfig
 
 METRICS_FILE = "text_baseline_metrics.json"
 IGNORE_INDEX = -100  # label of padding positions (the transformers convention)

@@ -1,6 +1,6 @@
 """Train the tiny CLIP contrastively on a VIST-layout folder's (frame, DII description) pairs.
 
-The untrained tiny CLIP (:func:`eval.tiny_models.build_tiny_clip`) gives meaningless similarities; trained
+The untrained tiny CLIP (:func:`toy.builders.build_tiny_clip`) gives meaningless similarities; trained
 on ShapeStories for a minute it tells characters, actions and backgrounds apart, so the CLIP metrics of
 the ``tiny`` preset measure something. Its text tower also serves as a tiny Stable Diffusion text encoder.
 
@@ -24,14 +24,14 @@ import torch
 from torch.nn import functional as F
 from transformers import CLIPModel, CLIPProcessor
 
-from eval.config import ClipTrainConfig
 from eval.image_metrics import pooled_features
-from eval.tiny_models import build_tiny_clip
 from pipeline.config import save_resolved_config
+from pipeline.data.vist import load_vist_split, sis_path
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_write_folder, atomic_write_json
 from pipeline.training import LOG_FILE, cpu_threads, warmup_cosine_schedule
-from pipeline.vist import load_vist_split, sis_path
+from toy.builders import build_tiny_clip
+from toy.config import ClipTrainConfig
 
 METRICS_FILE = "clip_metrics.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature so logits are scaled by at most 100

@@ -9,7 +9,7 @@ mention and use pronouns afterwards ("Then she jumped over the rock."), so a cap
 without the frames before it, while the DII descriptions stay literal ("A red circle jumps over a rock
 on a snowy field.").
 
-Files written, read unchanged by :func:`pipeline.vist.load_vist_split`::
+Files written, read unchanged by :func:`pipeline.data.vist.load_vist_split`::
 
     OUT/sis/{split}.story-in-sequence.json
     OUT/dii/{split}.description-in-isolation.json
@@ -30,14 +30,14 @@ from typing import Any, Literal
 from PIL import Image, ImageDraw
 
 from pipeline.config import ToyDataConfig
-from pipeline.io import atomic_save_image
-from pipeline.vist import (
+from pipeline.data.vist import (
     SPLITS,
     dii_annotation,
     images_dir,
     sis_annotation,
     write_vist_split,
 )
+from pipeline.io import atomic_save_image
 
 RGB = tuple[int, int, int]
 Point = tuple[float, float]

@@ -1,0 +1,1 @@
+"""Dataset readers and converters: VIST, ShapeStories, FlintstonesSV/PororoSV, referential text."""
