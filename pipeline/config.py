@@ -10,23 +10,86 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InvalidConfigValue
 from pipeline.io import atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESETS_DIR = REPO_ROOT / "configs"
-DEFAULT_PRESET = "vist"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Model folders: where a config entry that names a model points
+# --------------------------------------------------------------------------------------------
+
+MODEL_PATH = "model path"  # marks a config field that names a model: a hub id or a folder
+ModelPath = Annotated[str, MODEL_PATH]
+CACHE_PREFIX = "cache:"  # `cache:tiny/llava`: a folder in storypipe's cache (see cache_dir)
+
+
+def cache_dir() -> Path:
+    """storypipe's cache: ``$STORYPIPE_CACHE``, else ``$XDG_CACHE_HOME/storypipe``, else ``~/.cache/storypipe``."""
+    if os.environ.get("STORYPIPE_CACHE"):
+        return Path(os.environ["STORYPIPE_CACHE"]).expanduser().resolve()
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "storypipe").resolve()
+
+
+def in_cache(path: str | Path) -> bool:
+    """True for a folder inside :func:`cache_dir`: the only place storypipe may build a model by itself."""
+    return Path(path).resolve().is_relative_to(cache_dir())
+
+
+def resolve_model_path(value: str, base: Path) -> str:
+    """Where a model entry points, as an absolute folder when it names one.
+
+    ``./x`` and ``../x`` are relative to ``base`` (a config file's folder, or the working directory for
+    ``--set``); ``~/x`` is in the home folder; ``cache:x`` is in :func:`cache_dir`. A plain ``name`` that
+    is an existing folder under ``base`` is that folder; anything else is left as written: a Hugging
+    Face hub id such as ``llava-hf/llava-1.5-7b-hf``.
+    """
+    if value.startswith(CACHE_PREFIX):
+        return str(cache_dir() / value[len(CACHE_PREFIX) :])
+    if value.startswith("~"):
+        return str(Path(value).expanduser().resolve())
+    if value.startswith(("./", "../")) or value in (".", "..") or Path(value).is_absolute():
+        return str((base / value).resolve())
+    if value and (base / value).is_dir():
+        return str((base / value).resolve())
+    return value
+
+
+def _is_model_path(tp: Any) -> bool:
+    """``ModelPath`` or ``ModelPath | None``."""
+    if typing.get_origin(tp) is Annotated:
+        return MODEL_PATH in tp.__metadata__
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_model_path(arg) for arg in typing.get_args(tp))
+    return False
+
+
+def _resolve_model_paths(cls: Any, raw: dict, base: Path) -> None:
+    """Resolve, in place, every model entry of a raw config tree read from a file in folder ``base``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for key, value in raw.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue  # an unknown key: from_dict reports it
+        if _is_model_path(tp) and isinstance(value, str):
+            raw[key] = resolve_model_path(value, base)
+        elif isinstance(value, dict):
+            sections = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
+            if sections:
+                _resolve_model_paths(sections[0], value, base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,9 +106,11 @@ class DataConfig:
     jpeg_quality: int = 95
 
     def __post_init__(self) -> None:
-        _require(self.story_length >= 2, "data.story_length", "must be at least 2")
-        _require(self.image_size >= 8, "data.image_size", "must be at least 8 pixels")
-        _require(1 <= self.jpeg_quality <= 100, "data.jpeg_quality", "must be in 1..100")
+        validate(self, [
+            (self.story_length >= 2, "story_length", "must be at least 2"),
+            (self.image_size >= 8, "image_size", "must be at least 8 pixels"),
+            (1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -59,13 +124,13 @@ class ToyDataConfig:
     test_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.stories >= 1, "toy.stories", "must be at least 1")
-        _require(self.image_size >= 32, "toy.image_size", "must be at least 32 pixels")
-        for name in ("val_fraction", "test_fraction"):
-            _require(0.0 <= getattr(self, name) < 1.0, f"toy.{name}", "must be in [0, 1)")
-        _require(
-            self.val_fraction + self.test_fraction < 1.0, "toy", "val_fraction + test_fraction must be < 1"
-        )
+        validate(self, [
+            (self.stories >= 1, "stories", "must be at least 1"),
+            (self.image_size >= 32, "image_size", "must be at least 32 pixels"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
+            (0.0 <= self.test_fraction < 1.0, "test_fraction", "must be in [0, 1)"),
+            (self.val_fraction + self.test_fraction < 1.0, "test_fraction", "plus val_fraction must be < 1"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -83,14 +148,12 @@ class StoryConfig:
     max_seed_side: int = 2048
 
     def __post_init__(self) -> None:
-        _require(
-            MIN_FRAMES <= self.frames <= MAX_FRAMES, "story.frames", f"must be in {MIN_FRAMES}..{MAX_FRAMES}"
-        )
-        _require(self.repetition_retries >= 0, "story.repetition_retries", "must be >= 0")
-        _require(0 < self.repetition_threshold <= 1, "story.repetition_threshold", "must be in (0, 1]")
-        _require(
-            0 < self.min_seed_side <= self.max_seed_side, "story.min_seed_side", "must be in 1..max_seed_side"
-        )
+        validate(self, [
+            (MIN_FRAMES <= self.frames <= MAX_FRAMES, "frames", f"must be in {MIN_FRAMES}..{MAX_FRAMES}"),
+            (self.repetition_retries >= 0, "repetition_retries", "must be >= 0"),
+            (0 < self.repetition_threshold <= 1, "repetition_threshold", "must be in (0, 1]"),
+            (0 < self.min_seed_side <= self.max_seed_side, "min_seed_side", "must be in 1..max_seed_side"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -103,9 +166,15 @@ class RuntimeConfig:
 MIN_FRAMES, MAX_FRAMES = 2, 20
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key} {message}")
+def validate(section: Any, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise on the first failed ``(ok, field, message)`` check of a config section's values.
+
+    The error names the field within the section; the loader turns it into the key the user wrote.
+    """
+    for ok, field_name, message in checks:
+        if not ok:
+            value = getattr(section, field_name)
+            raise InvalidConfigValue(type(section).__name__, field_name, f"{message}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,63 +182,74 @@ def _require(condition: bool, key: str, message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def preset_path(name: str) -> Path:
-    """The YAML file of preset ``name`` in ``configs/``."""
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise ConfigError(
-            f"no preset named {name!r}: {path} does not exist. Available presets: {', '.join(available)}"
-        )
-    return path
+def load_config(
+    cls: type[T],
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> T:
+    """Read ``path`` into ``cls``, then apply ``--set section.key=value`` overrides (values parsed as YAML),
+    then ``values``: typed command options that mirror a config key (``{"story.frames": 5}``).
 
-
-def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read ``path`` into ``cls``, then apply ``section.key=value`` overrides (values parsed as YAML)."""
+    Model folders written ``./x`` or ``../x`` in the file are relative to the file; in overrides and
+    values they are relative to the working directory (see :func:`resolve_model_path`).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a valid YAML file: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    _resolve_model_paths(cls, raw, base=path.resolve().parent)
     config = from_dict(cls, raw, source=str(path))
     for override in overrides:
+        key, value = _parse_override(override)
         # Re-validate after each override so an error names the override that caused it.
-        _apply_override(raw, override, cls)
+        _set_value(raw, cls, key, value, source=f"--set {override}")
         config = from_dict(cls, raw, source=f"--set {override}")
+    for key, value in (values or {}).items():
+        if value is not None:
+            _set_value(raw, cls, key, value, source=f"option for {key}")
+            config = from_dict(cls, raw, source=f"option for {key}")
     return config
 
 
-def _apply_override(raw: dict, override: str, cls: type) -> None:
+def _parse_override(override: str) -> tuple[str, Any]:
     key, sep, value_text = override.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. --set data.image_size=256")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        return key, (yaml.safe_load(value_text) if value_text.strip() else "")
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {override!r}: the value is not valid YAML: {exc}") from exc
+
+
+def _set_value(raw: dict, cls: type, key: str, value: Any, source: str) -> None:
+    """Put ``value`` at ``section.key`` of the raw tree, after checking the path against the schema."""
     parts = key.split(".")
     node: dict = raw
     node_cls: Any = cls
     for depth, part in enumerate(parts[:-1]):
         # Validate the path against the schema so a typo names the override, not the preset file.
-        node_cls = _field_type(node_cls, part, source=f"--set {override}", prefix=".".join(parts[:depth]))
+        node_cls = _field_type(node_cls, part, source=source, prefix=".".join(parts[:depth]))
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
-    _field_type(node_cls, parts[-1], source=f"--set {override}", prefix=".".join(parts[:-1]))
+    field_type = _field_type(node_cls, parts[-1], source=source, prefix=".".join(parts[:-1]))
+    if _is_model_path(field_type) and isinstance(value, str):
+        value = resolve_model_path(value, base=Path.cwd())
     node[parts[-1]] = value
 
 
 def _field_type(cls: Any, name: str, source: str, prefix: str) -> Any:
     if not dataclasses.is_dataclass(cls):
         raise ConfigError(f"{source}: {prefix or '<root>'} is not a section")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     if name not in hints:
         raise ConfigError(_unknown_key_message(cls, name, source, prefix))
     # An optional section (``Settings | None``) is a section too, when the preset gives it.
@@ -200,8 +280,9 @@ def from_dict(cls: type[T], data: dict, source: str, prefix: str = "") -> T:
         kwargs[key] = _coerce(hints[key], value, source, full)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    except InvalidConfigValue as exc:
+        full = f"{prefix}.{exc.field}" if prefix else exc.field
+        raise ConfigError(f"{source}: {full} {exc.message}") from None
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
@@ -216,6 +297,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own errors stand
+            return _coerce(sections[0], value, source, key)
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, source, key)
@@ -290,15 +374,17 @@ def save_resolved_config(config: Any, folder: str | Path) -> Path:
 
 __all__ = [
     "DataConfig",
+    "ModelPath",
     "RuntimeConfig",
     "StoryConfig",
     "ToyDataConfig",
-    "DEFAULT_PRESET",
-    "PRESETS_DIR",
     "RESOLVED_CONFIG_NAME",
+    "cache_dir",
     "config_to_dict",
     "from_dict",
+    "in_cache",
     "load_config",
-    "preset_path",
+    "resolve_model_path",
     "save_resolved_config",
+    "validate",
 ]

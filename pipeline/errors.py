@@ -9,6 +9,16 @@ class ConfigError(StorypipeError):
     """A config file or override is invalid: the message names the key and the file."""
 
 
+class InvalidConfigValue(ConfigError):
+    """A config value breaks its section's rule. ``field`` is its name within the section; the config
+    loader reports it under the key the user wrote (``captioner.pretrain.max_steps``), since one section
+    class can serve several keys."""
+
+    def __init__(self, section: str, field: str, message: str) -> None:
+        super().__init__(f"{section}.{field} {message}")
+        self.field, self.message = field, message
+
+
 class DataError(StorypipeError):
     """An input data file or folder is missing or malformed: the message names it."""
 
@@ -25,3 +35,17 @@ def model_load_error(what: str, name_or_path: object, exc: Exception, advice: st
     return StorypipeError(
         f"could not load the {what} {str(name_or_path)!r}: it {where} it failed to load ({exc}).\n{advice}"
     )
+
+
+def require_model_folder(key: str, reference: object, make_it: str) -> None:
+    """A config entry that names a local model folder must name one that exists.
+
+    After config loading, a folder is an absolute path (``./x`` in a preset, ``cache:x``...), while a hub
+    id stays relative; so an absolute path that is missing is a clear error, before any model loads,
+    that names the key, the folder and what makes it. Nothing is built or downloaded in its place.
+    """
+    from pathlib import Path
+
+    folder = Path(str(reference))
+    if folder.is_absolute() and not folder.exists():
+        raise StorypipeError(f"{key}: the model folder {folder} does not exist. {make_it}")

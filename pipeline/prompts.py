@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import DataError
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The top-level prompts/ folder, found through the installed package (pipeline/prompt_templates links to it).
+PROMPTS_DIR = Path(str(resources.files("pipeline") / "prompt_templates"))
 IMAGE_TOKEN = "<image>"
 
 # Each template and the placeholders it must use, no more and no fewer.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.errors import ConfigError
+from pipeline.config import ModelPath, validate
 
 SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
@@ -35,22 +35,14 @@ class GeneratorTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"generator.train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"generator.train.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("text_dropout", "reference_dropout", "story_caption_probability"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"generator.train.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.unet_lora_rank is not None and self.unet_lora_rank < 1:
-            raise ConfigError("generator.train.unet_lora_rank must be >= 1 or null")
+        validate(self, [
+            *((getattr(self, name) >= 1, name, "must be >= 1")
+              for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints")),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            *((0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+              for name in ("text_dropout", "reference_dropout", "story_caption_probability")),
+            (self.unet_lora_rank is None or self.unet_lora_rank >= 1, "unet_lora_rank", "must be >= 1 or null"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -78,18 +70,14 @@ class GeneratorPretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "unet_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"generator.pretrain.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("vae_batch_size", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"generator.pretrain.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vae_learning_rate", "learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"generator.pretrain.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("text_dropout", "story_caption_probability"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"generator.pretrain.{name} must be in [0, 1), got {getattr(self, name)}")
+        validate(self, [
+            *((getattr(self, name) >= 0, name, "must be >= 0") for name in ("vae_steps", "unet_steps")),
+            *((getattr(self, name) >= 1, name, "must be >= 1")
+              for name in ("vae_batch_size", "batch_size", "checkpoint_every", "keep_checkpoints")),
+            *((getattr(self, name) > 0, name, "must be > 0") for name in ("vae_learning_rate", "learning_rate")),
+            *((0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+              for name in ("text_dropout", "story_caption_probability")),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -114,29 +102,26 @@ class TinyDiffusionSettings:
     vae_mid_attention: bool = True  # the VAE's self-attention at its lowest resolution
     # A CLIP model folder whose text tower and tokenizer become the text encoder, as SD 1.5 uses CLIP's
     # (e.g. the toy CLIP from `storypipe train-clip`); None builds a random one.
-    text_encoder: str | None = None
+    text_encoder: ModelPath | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.norm_groups < 1:
-            raise ConfigError("generator.tiny.norm_groups must be >= 1")
-        if not 0 <= self.levels_without_attention < len(self.block_channels):
-            raise ConfigError(
-                "generator.tiny.levels_without_attention must leave at least one level with attention"
-            )
-        if len(self.block_channels) < 1 or len(self.vae_channels) < 1:
-            raise ConfigError(
-                "generator.tiny.block_channels and generator.tiny.vae_channels must not be empty"
-            )
-        if self.resolution % (2 ** (len(self.vae_channels) - 1)):
-            raise ConfigError("generator.tiny.resolution must be divisible by the VAE's downsampling factor")
+        validate(self, [
+            (self.norm_groups >= 1, "norm_groups", "must be >= 1"),
+            (len(self.block_channels) >= 1, "block_channels", "must not be empty"),
+            (len(self.vae_channels) >= 1, "vae_channels", "must not be empty"),
+            (0 <= self.levels_without_attention < len(self.block_channels), "levels_without_attention",
+             "must leave at least one level with attention"),
+            (self.resolution % (2 ** (len(self.vae_channels) - 1)) == 0, "resolution",
+             "must be divisible by the VAE's downsampling factor"),
+        ])  # fmt: skip
 
 
 @dataclass
 class GeneratorConfig:
     # A Stable Diffusion 1.5-layout diffusers folder (unet, vae, text_encoder, tokenizer, scheduler),
     # or a folder written by `storypipe finetune-storygen` (the same plus the added layers).
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base_model: ModelPath = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # "storygen": an added cross-attention over the reference frames' features (StoryGen).
     # "memory": Make-A-Story's memory attention (current sentence -> previous sentences -> previous frames).
     context: Literal["storygen", "memory"] = "storygen"
@@ -160,21 +145,14 @@ class GeneratorConfig:
     pretrain: GeneratorPretrainConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.base_model:
-            raise ConfigError("generator.base_model must name a hub id or a local folder")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"generator.resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.max_references < 0:
-            raise ConfigError(f"generator.max_references must be >= 0, got {self.max_references}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(
-                f"generator.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
-            )
-        if self.num_inference_steps < 1:
-            raise ConfigError(f"generator.num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale < 0 or self.image_guidance_scale < 0:
-            raise ConfigError("generator.guidance_scale and generator.image_guidance_scale must be >= 0")
-        if self.reference_timestep_divisor < 1:
-            raise ConfigError("generator.reference_timestep_divisor must be >= 1")
-        if not 0 < self.edit_strength <= 1:
-            raise ConfigError(f"generator.edit_strength must be in (0, 1], got {self.edit_strength}")
+        validate(self, [
+            (bool(self.base_model), "base_model", "must name a hub id or a local folder"),
+            (self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "must be a positive multiple of 8"),
+            (self.max_references >= 0, "max_references", "must be >= 0"),
+            (self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}"),
+            (self.num_inference_steps >= 1, "num_inference_steps", "must be >= 1"),
+            (self.guidance_scale >= 0, "guidance_scale", "must be >= 0"),
+            (self.image_guidance_scale >= 0, "image_guidance_scale", "must be >= 0"),
+            (self.reference_timestep_divisor >= 1, "reference_timestep_divisor", "must be >= 1"),
+            (0 < self.edit_strength <= 1, "edit_strength", "must be in (0, 1]"),
+        ])  # fmt: skip

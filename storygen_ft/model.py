@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from pipeline.errors import StorypipeError, model_load_error
+from pipeline.config import in_cache
+from pipeline.errors import StorypipeError, model_load_error, require_model_folder
 from pipeline.io import atomic_write_folder, atomic_write_json
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 from storygen_ft.attention import (
@@ -55,6 +56,10 @@ TINY_TEXT_SPECIAL_TOKENS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
 }
+BASE_MODEL_ADVICE = (
+    "`storypipe finetune-storygen` (or `make finetune-storygen`) writes one; `make toy` trains the toy models, "
+    "and --preset tiny builds a tiny model offline."
+)
 TEXT_MAX_LENGTH = 77  # CLIP's context length, as in SD 1.5
 
 
@@ -283,9 +288,15 @@ def save_sd_components(folder: Path, vae, text_encoder, tokenizer, unet, schedul
 
 
 def resolve_base_model(cfg: GeneratorConfig) -> str:
-    """The model's hub id or folder; a tiny one is built there first when ``cfg.tiny`` asks for it."""
-    if cfg.tiny is not None and not Path(cfg.base_model, "model_index.json").is_file():
+    """The model's hub id or folder. The tiny preset's model is built into storypipe's cache on first use
+    (``cfg.tiny`` and a folder in the cache); any other missing folder is an error."""
+    if (
+        cfg.tiny is not None
+        and in_cache(cfg.base_model)
+        and not Path(cfg.base_model, "model_index.json").is_file()
+    ):
         build_tiny_diffusion(cfg.base_model, cfg.tiny)
+    require_model_folder("generator.base_model", cfg.base_model, BASE_MODEL_ADVICE)
     return cfg.base_model
 
 

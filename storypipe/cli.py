@@ -32,7 +32,7 @@ from rich.progress import (
 from pipeline.config import config_to_dict, save_resolved_config
 from pipeline.errors import StorypipeError
 from storypipe import wiring
-from storypipe.wiring import StorypipeConfig, resolve_config
+from storypipe.config import StorypipeConfig, resolve_config
 
 app = typer.Typer(
     name="storypipe",

@@ -8,57 +8,16 @@ stage owns.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eval.config import EvalConfig
-from llava_ft.config import CaptionerConfig
-from pipeline.config import (
-    DEFAULT_PRESET,
-    DataConfig,
-    RuntimeConfig,
-    StoryConfig,
-    ToyDataConfig,
-    load_config,
-    preset_path,
-)
 from pipeline.errors import ConfigError
-from storygen_ft.config import GeneratorConfig
-from toy.config import ClassifierTrainConfig, ClipTrainConfig, TextBaselineTrainConfig
+from storypipe.config import StorypipeConfig
 
 if TYPE_CHECKING:
     from llava_ft.captioners import Captioners
     from pipeline.orchestrator import Progress, StoryTeller
     from storygen_ft.generator import FrameGenerator
-
-
-@dataclass
-class StorypipeConfig:
-    """The whole config tree; ``configs/*.yaml`` mirror it section by section."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
-    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
-    clip_training: ClipTrainConfig = field(default_factory=ClipTrainConfig)
-    text_baseline_training: TextBaselineTrainConfig = field(default_factory=TextBaselineTrainConfig)
-    story: StoryConfig = field(default_factory=StoryConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-def resolve_config(
-    config_file: str | Path | None = None,
-    preset: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> StorypipeConfig:
-    """``--config FILE`` or ``--preset NAME`` (default: the ``vist`` preset), then ``--set`` overrides in order."""
-    if config_file is not None and preset is not None:
-        raise ConfigError("give either --config FILE or --preset NAME, not both")
-    path = Path(config_file) if config_file is not None else preset_path(preset or DEFAULT_PRESET)
-    return load_config(StorypipeConfig, path, overrides)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,14 @@ from llava_ft.model import build_tiny_llava  # noqa: E402
 from tests.llava_fixtures import write_llava_samples  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def storypipe_cache(tmp_path_factory):
+    """storypipe's cache (where the tiny preset builds its models) in a temporary folder, not the user's."""
+    folder = tmp_path_factory.mktemp("storypipe-cache")
+    os.environ["STORYPIPE_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     """A tiny LLaVA saved as a normal model folder (built offline, loaded through from_pretrained)."""

@@ -204,11 +204,11 @@ def test_from_pretrained_names_a_folder_that_is_not_a_classifier(tmp_path):
         {"learning_rate": 0.0},
         {"val_fraction": 1.0},
         {"channels": ()},
-        {"image_size": 16, "channels": (8, 8, 8, 8, 8)},
+        {"channels": (8, 8, 8, 8, 8), "image_size": 16},
     ],
 )
 def test_train_config_is_validated(override):
-    with pytest.raises(ConfigError, match="classifier."):
+    with pytest.raises(ConfigError, match=f"ClassifierTrainConfig.{next(iter(override))} "):
         ClassifierTrainConfig(**override)
 
 

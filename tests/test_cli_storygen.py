@@ -12,8 +12,9 @@ from tests.test_storysv import write_flintstones
 runner = CliRunner()
 
 
-def test_finetune_storygen_with_the_tiny_preset(tmp_path, toy_stories):
-    base, out = tmp_path / "tiny-sd", tmp_path / "run"  # the base does not exist yet: built on first use
+def test_finetune_storygen_with_the_tiny_preset(tmp_path, toy_stories, storypipe_cache):
+    # The base does not exist yet: the tiny preset builds it on first use, in storypipe's cache only.
+    base, out = storypipe_cache / tmp_path.name / "tiny-sd", tmp_path / "run"
     result = runner.invoke(app, [
         "finetune-storygen", "--data", str(toy_stories), "--out", str(out), "--preset", "tiny",
         "--set", f"generator.base_model={base}", "--set", "generator.train.max_steps=2",

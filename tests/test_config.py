@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.config import PRESETS_DIR, config_to_dict, load_config, save_resolved_config
+from pipeline.config import config_to_dict, load_config, resolve_model_path, save_resolved_config
 from pipeline.errors import ConfigError
 from storypipe.cli import app
-from storypipe.wiring import StorypipeConfig, resolve_config
+from storypipe.config import StorypipeConfig, presets_dir, resolve_config
 
 runner = CliRunner()
 
@@ -22,12 +23,48 @@ def _write(tmp_path, text: str):
     return path
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in presets_dir().glob("*.yaml")))
 def test_presets_load_and_mirror_the_classes_completely(preset):
-    """Each preset spells out every key of every section, so a YAML file documents the whole tree."""
-    cfg = resolve_config(preset=preset)
-    raw = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text())
-    assert raw == config_to_dict(cfg)
+    """Each preset spells out every key of every section, so a YAML file documents the whole tree; model
+    entries are the only values that change on loading: they become the folders they name."""
+    path = presets_dir() / f"{preset}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    loaded = config_to_dict(resolve_config(preset=preset))
+
+    def compare(written, resolved, key):
+        if isinstance(written, dict):
+            assert isinstance(resolved, dict) and written.keys() == resolved.keys(), key
+            for name in written:
+                compare(written[name], resolved[name], f"{key}.{name}")
+        elif isinstance(written, str) and written != resolved:
+            assert resolved == resolve_model_path(written, path.parent), key
+            assert Path(resolved).is_absolute(), key
+        else:
+            assert written == resolved, key
+
+    compare(raw, loaded, preset)
+
+
+def test_model_folders_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "exp" / "runs" / "llava").mkdir(parents=True)
+    config = _write(tmp_path / "exp", "captioner:\n  base_model: ./runs/llava\n  story_adapter: runs/llava\n"
+                                      "generator:\n  base_model: org/model-on-the-hub\n"
+                                      "eval:\n  clip_model: cache:tiny/clip\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    monkeypatch.setenv("STORYPIPE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(StorypipeConfig, config, ["captioner.description_adapter=./exp/runs/llava"])
+    folder = str((tmp_path / "exp" / "runs" / "llava").resolve())
+    assert cfg.captioner.base_model == folder and cfg.captioner.story_adapter == folder
+    assert cfg.captioner.description_adapter == folder  # --set: relative to the working directory
+    assert cfg.generator.base_model == "org/model-on-the-hub"  # a hub id stays as written
+    assert cfg.eval.clip_model == str((tmp_path / "cache" / "tiny" / "clip").resolve())
+
+
+def test_the_toy_preset_finds_its_models_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(preset="toy")
+    assert Path(cfg.captioner.base_model, "config.json").is_file()
+    assert Path(cfg.generator.base_model, "model_index.json").is_file()
 
 
 def test_real_and_tiny_presets_differ_where_it_matters():
@@ -90,6 +127,17 @@ def test_overrides_reach_into_optional_sections_only_where_the_preset_gives_them
         resolve_config(preset="toy", overrides=["captioner.pretrain.max_stepz=7"])
     with pytest.raises(ConfigError, match="captioner.pretrain is not a section"):  # null in the vist preset
         resolve_config(preset="vist", overrides=["captioner.pretrain.max_steps=7"])
+
+
+def test_an_error_in_a_reused_section_names_the_key_the_user_wrote(tmp_path):
+    # captioner.train and captioner.pretrain share one class; each error must name its own key.
+    with pytest.raises(ConfigError, match=r"^--set captioner.pretrain.max_steps=0: captioner.pretrain.max_steps must be"):
+        resolve_config(preset="toy", overrides=["captioner.pretrain.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"^--set captioner.train.max_steps=0: captioner.train.max_steps must be"):
+        resolve_config(preset="toy", overrides=["captioner.train.max_steps=0"])
+    path = _write(tmp_path, "captioner:\n  pretrain:\n    learning_rate: -1\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: captioner.pretrain.learning_rate must be > 0, got -1"):
+        resolve_config(config_file=path)
 
 
 def test_config_and_preset_are_exclusive_and_presets_must_exist(tmp_path):

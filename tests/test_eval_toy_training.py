@@ -29,6 +29,7 @@ from pipeline.data.vist import load_vist_split
 from pipeline.errors import ConfigError, DataError
 from storypipe import wiring
 from storypipe.cli import app
+from storypipe.config import resolve_config
 from toy.clip import METRICS_FILE as CLIP_METRICS
 from toy.clip import collect_pairs, contrastive_loss, retrieval_accuracy, train_clip
 from toy.config import ClipTrainConfig, TextBaselineTrainConfig
@@ -120,11 +121,11 @@ def test_training_refuses_a_foreign_folder_and_bad_settings(shapestories, tmp_pa
     )
     assert result.exit_code == 2 and "holds no earlier train-clip run" in result.output
     assert (foreign / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ConfigError, match="clip_training.warmup_steps"):
+    with pytest.raises(ConfigError, match="ClipTrainConfig.warmup_steps must be non-negative"):
         ClipTrainConfig(warmup_steps=-1)
-    with pytest.raises(ConfigError, match="clip_training.batch_size"):
+    with pytest.raises(ConfigError, match="ClipTrainConfig.batch_size"):
         ClipTrainConfig(batch_size=1)
-    with pytest.raises(ConfigError, match="text_baseline_training.learning_rate"):
+    with pytest.raises(ConfigError, match="TextBaselineTrainConfig.learning_rate"):
         TextBaselineTrainConfig(learning_rate=0)
 
 
@@ -251,11 +252,11 @@ def test_memory_rows_use_the_memory_illustrator_with_gt_references(shapestories,
 
 
 def test_the_memory_generator_loads_with_memory_attention(tiny_sd):
-    cfg = wiring.resolve_config(preset="tiny", overrides=[f"eval.memory_generator_model={tiny_sd}"])
+    cfg = resolve_config(preset="tiny", overrides=[f"eval.memory_generator_model={tiny_sd}"])
     generator = wiring.load_memory_frame_generator(cfg, device="cpu")
     assert generator.model.context_kind == "memory" and generator.cfg.base_model == str(tiny_sd)
     assert generator.cfg.resolution == cfg.generator.resolution  # the generator section's other settings
-    assert wiring.load_memory_frame_generator(wiring.resolve_config(preset="tiny")) is None
+    assert wiring.load_memory_frame_generator(resolve_config(preset="tiny")) is None
 
 
 def test_described_labels_read_characters_and_place_from_a_description():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import ConfigError
+from pipeline.config import validate
 
 
 @dataclass
@@ -44,15 +44,7 @@ class ClassifierTrainConfig:
             (self.weight_decay >= 0, "weight_decay", "must be non-negative"),
             (0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"classifier.{key} {message} (got {getattr(self, key)!r})")
-
-
-def _check(section: str, checks: list[tuple[bool, str, str]], cfg: object) -> None:
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"{section}.{key} {message} (got {getattr(cfg, key)!r})")
+        validate(self, checks)
 
 
 @dataclass
@@ -75,8 +67,8 @@ class ClipTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(
-            "clip_training",
+        validate(
+            self,
             [
                 (self.max_steps >= 1, "max_steps", "must be at least 1"),
                 (
@@ -94,7 +86,6 @@ class ClipTrainConfig:
                     "must be at least 1 (or null)",
                 ),
             ],
-            self,
         )
 
 
@@ -116,8 +107,8 @@ class TextBaselineTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(
-            "text_baseline_training",
+        validate(
+            self,
             [
                 (self.max_steps >= 1, "max_steps", "must be at least 1"),
                 (self.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -130,5 +121,4 @@ class TextBaselineTrainConfig:
                     "must be at least 1 (or null)",
                 ),
             ],
-            self,
         )
