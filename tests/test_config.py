@@ -131,9 +131,13 @@ def test_overrides_reach_into_optional_sections_only_where_the_preset_gives_them
 
 def test_an_error_in_a_reused_section_names_the_key_the_user_wrote(tmp_path):
     # captioner.train and captioner.pretrain share one class; each error must name its own key.
-    with pytest.raises(ConfigError, match=r"^--set captioner.pretrain.max_steps=0: captioner.pretrain.max_steps must be"):
+    with pytest.raises(
+        ConfigError, match=r"^--set captioner.pretrain.max_steps=0: captioner.pretrain.max_steps must be"
+    ):
         resolve_config(preset="toy", overrides=["captioner.pretrain.max_steps=0"])
-    with pytest.raises(ConfigError, match=r"^--set captioner.train.max_steps=0: captioner.train.max_steps must be"):
+    with pytest.raises(
+        ConfigError, match=r"^--set captioner.train.max_steps=0: captioner.train.max_steps must be"
+    ):
         resolve_config(preset="toy", overrides=["captioner.train.max_steps=0"])
     path = _write(tmp_path, "captioner:\n  pretrain:\n    learning_rate: -1\n")
     with pytest.raises(ConfigError, match=r"cfg.yaml: captioner.pretrain.learning_rate must be > 0, got -1"):

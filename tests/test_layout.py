@@ -81,7 +81,10 @@ def test_every_package_of_the_layering_exists():
 @pytest.mark.parametrize(
     "file, bad_import",
     [
-        ("pipeline/data/vist.py", "    from storypipe.wiring import StorypipeConfig"),  # deferred, deep in the core
+        (
+            "pipeline/data/vist.py",
+            "    from storypipe.wiring import StorypipeConfig",
+        ),  # deferred, deep in the core
         ("pipeline/orchestrator.py", "from eval import runner"),
         ("pipeline/data/shapestories.py", "from ...llava_ft import model"),  # relative, two levels up
         ("llava_ft/train.py", "    import storygen_ft.model"),
