@@ -5,6 +5,11 @@ class StorypipeError(Exception):
     """An error caused by the user's input or environment; the message says what to do."""
 
 
+class InputError(StorypipeError, ValueError):
+    """A bad argument to the Python API or the CLI (an empty caption, a frame out of range...); the CLI
+    prints the same message."""
+
+
 class ConfigError(StorypipeError):
     """A config file or override is invalid: the message names the key and the file."""
 

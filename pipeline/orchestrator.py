@@ -1,4 +1,4 @@
-"""The autoregressive story loop: seed -> story caption -> description -> image, frame by frame.
+"""The autoregressive story loop: seed -> story caption -> description -> image, frame by frame, in memory.
 
 Written against two small interfaces, so it runs the same with the real models, the tiny ones, or test
 fakes. For k = 1 .. n-1:
@@ -7,9 +7,10 @@ fakes. For k = 1 .. n-1:
 2. description k    <- captioner.describe(image k-1, caption k-1, caption k)
 3. image k          <- illustrator.generate(description k, frames max(0, k-K) .. k-1 with their descriptions)
 
-Every random choice is seeded from (story seed, frame, attempt), so the same seed gives the same story,
-and resuming after a crash gives the story an uninterrupted run would have. After each frame the image
-and ``story.json`` are written atomically: a crash loses at most the frame in progress.
+Every random choice is seeded by :func:`pipeline.seeds.derive_seed` from the story seed, what is drawn
+and the frame, so the same seed gives the same story, and continuing a story cut short gives the frames
+an uninterrupted run would have. ``on_frame(frame)`` is called as each frame is finished: a UI streams
+frames from it, and the app layer saves each one, so a crash loses at most the frame in progress.
 """
 
 from __future__ import annotations
@@ -19,22 +20,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
-from pipeline.config import MAX_FRAMES, StoryConfig
-from pipeline.errors import StorypipeError
+from pipeline.config import MAX_FRAMES, MIN_FRAMES, StoryConfig
+from pipeline.errors import InputError
+from pipeline.seeds import derive_seed
 from pipeline.story import Frame, Story
-from pipeline.story_folder import (
-    load_frame_image,
-    renumber_frames,
-    save_frame_image,
-    save_staged_image,
-    snapshot,
-    write_storyboard,
-)
 
 
 class StoryCaptioner(Protocol):
@@ -65,18 +58,16 @@ class FrameIllustrator(Protocol):
     ) -> GeneratedImage: ...
 
 
+FrameCallback = Callable[[Frame], None]
+
+
 @dataclass
-class Progress:
+class StoryEvents:
     """Callbacks for a progress display; every one is optional."""
 
-    on_frame: Callable[[int, int, str], None] | None = None  # (frame index, frames in total, what)
+    on_stage: Callable[[int, int, str], None] | None = None  # (frame index, frames in total, what)
     on_step: Callable[[int, int], None] | None = None  # denoising step, steps
     on_note: Callable[[str], None] | None = None  # a warning or remark for the user
-
-
-def frame_seed(story_seed: int, frame: int, attempt: int = 0) -> int:
-    """Seed of one sampling call: depends only on the story seed, the frame and the attempt."""
-    return story_seed * 100_003 + frame * 101 + attempt
 
 
 def similarity(a: str, b: str, rule: str) -> float:
@@ -87,6 +78,27 @@ def similarity(a: str, b: str, rule: str) -> float:
     return len(words_a & words_b) / max(1, len(words_a | words_b))
 
 
+def check_caption(caption: object, what: str = "caption") -> str:
+    """The caption without surrounding whitespace; an :class:`InputError` when it is not a non-empty string."""
+    if not isinstance(caption, str) or not caption.strip():
+        raise InputError(f"the {what} is empty")
+    return caption.strip()
+
+
+def check_frame_count(frames: object) -> int:
+    if isinstance(frames, bool) or not isinstance(frames, int) or not MIN_FRAMES <= frames <= MAX_FRAMES:
+        raise InputError(f"frames must be in {MIN_FRAMES}..{MAX_FRAMES} (the seed included), got {frames!r}")
+    return frames
+
+
+def check_frame_number(number: object, story: Story, what: str) -> int:
+    """A frame number of ``story`` (0 is the seed); ``what`` names it in the error (``frame``, ``after``)."""
+    count = len(story.frames)
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < count:
+        raise InputError(f"{what} {number!r} is out of range: the story has frames 0..{count - 1}")
+    return number
+
+
 class StoryTeller:
     def __init__(
         self,
@@ -94,155 +106,194 @@ class StoryTeller:
         illustrator: FrameIllustrator,
         cfg: StoryConfig,
         context_frames: int,
-        progress: Progress | None = None,
+        events: StoryEvents | None = None,
     ) -> None:
         self.captioner = captioner
         self.illustrator = illustrator
         self.cfg = cfg
         self.context_frames = context_frames  # K: how many previous frames the illustrator reads
-        self.progress = progress or Progress()
+        self.events = events or StoryEvents()
 
     # ----------------------------------------------------------------------------------------
-    # New stories and resuming
+    # Input checks: no model needed, so callers run them before loading any
     # ----------------------------------------------------------------------------------------
-
-    def tell(
-        self, folder: Path, seed_image: Image.Image, seed_caption: str, seed_description: str | None = None
-    ) -> Story:
-        """Write frame 0 from the seed, then continue to ``cfg.frames`` frames."""
-        started = time.perf_counter()
-        seed_image = seed_image.convert("RGB")
-        if seed_description is None:  # the description captioner, given the seed image and caption
-            seed_description = self.captioner.describe(
-                seed_image, seed_caption, seed_caption, seed=frame_seed(self.cfg.seed, 0)
-            )
-        frame = Frame(0, seed_caption, seed_description, save_frame_image(folder, 0, seed_image), "seed")
-        metadata = {
-            "seed": self.cfg.seed,
-            "frames_requested": self.cfg.frames,
-            "timings_s": {"0": {"description": time.perf_counter() - started}},
-        }
-        story = Story(frames=[frame], metadata=metadata)
-        story.save(folder)
-        return self.continue_story(folder, story)
-
-    def continue_story(self, folder: Path, story: Story | None = None) -> Story:
-        """Generate frames until ``frames_requested``; reads ``story.json`` when ``story`` is not given."""
-        story = story or Story.load(folder)
-        target = int(story.metadata.get("frames_requested", self.cfg.frames))
-        seed = int(story.metadata.get("seed", self.cfg.seed))
-        while len(story.frames) < target:
-            self._append_generated_frame(folder, story, seed, target)
-        self._note_progress(len(story.frames), target, "done")
-        write_storyboard(folder, story)
-        return story
 
     @staticmethod
-    def complete_frames(folder: Path) -> Story:
-        """The story as saved, without frames whose image is missing (a crash between the two writes)."""
-        story = Story.load(folder)
-        complete = []
-        for frame in story.frames:
-            if not (folder / frame.image).is_file():
-                break
-            complete.append(frame)
-        story.frames = complete
-        if not complete:
-            raise StorypipeError(
-                f"{folder}: the seed frame's image is missing; start a new story instead of resuming"
-            )
-        return story
+    def check_begin(
+        cfg: StoryConfig, caption: str, description: str | None, frames: int | None, seed: int | None
+    ) -> tuple[str, str | None, int, int]:
+        """``(caption, description, frames, seed)`` checked, with ``cfg``'s defaults filled in."""
+        caption = check_caption(caption)
+        if description is not None:
+            description = check_caption(description, "description")
+        frames = check_frame_count(cfg.frames if frames is None else frames)
+        seed = cfg.seed if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        return caption, description, frames, seed
 
-    # ----------------------------------------------------------------------------------------
-    # Editing and insertion
-    # ----------------------------------------------------------------------------------------
+    @staticmethod
+    def check_edit(story: Story, index: int, caption: str, strength: float) -> str:
+        check_frame_number(index, story, "frame")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise InputError(f"strength must be in (0, 1], got {strength!r}")
+        return check_caption(caption)
 
-    def edit(self, folder: Path, index: int, caption: str, strength: float, propagate: bool) -> Story:
-        """Replace frame ``index``'s story caption, then regenerate its description and (img2img) image."""
-        story = Story.load(folder)
-        _check_index(index, len(story.frames), "--frame")
-        _check_caption(caption)
-        replaced = [f.image for f in story.frames[index:]] if propagate else [story.frames[index].image]
-        snapshot(folder, f"edit-frame-{index:02d}", replaced)
-        seed = int(story.metadata.get("seed", self.cfg.seed))
-        target = len(story.frames)
-
-        frame = story.frames[index]
-        current = load_frame_image(folder, frame.image)
-        if index == 0:
-            description = self.captioner.describe(current, caption, caption, seed=frame_seed(seed, 0))
-        else:
-            previous = story.frames[index - 1]
-            previous_image = load_frame_image(folder, previous.image)
-            description = self.captioner.describe(
-                previous_image, previous.story_caption, caption, seed=frame_seed(seed, index)
-            )
-        self._note_progress(index, target, "edit")
-        image = self._illustrate(
-            folder,
-            story.frames[:index],
-            description,
-            frame_seed(seed, index, 1),
-            init=current,
-            strength=strength,
-        )
-        story.frames[index] = Frame(
-            index, caption, description, save_frame_image(folder, index, image), "edited"
-        )
-        if propagate:
-            del story.frames[index + 1 :]
-            story.save(folder)
-            return self.continue_story(folder, story)
-        story.save(folder)
-        write_storyboard(folder, story)
-        return story
-
-    def insert(self, folder: Path, after: int, caption: str) -> Story:
-        """A new panel between ``after`` and ``after + 1``, conditioned on frames <= ``after``."""
-        story = Story.load(folder)
-        _check_index(after, len(story.frames), "--after")
-        _check_caption(caption)
+    @staticmethod
+    def check_insert(story: Story, after: int, caption: str) -> str:
+        check_frame_number(after, story, "after")
         if len(story.frames) >= MAX_FRAMES:
-            raise StorypipeError(f"the story already has {MAX_FRAMES} frames, the most storypipe makes")
-        snapshot(folder, f"insert-after-{after:02d}", [])
+            raise InputError(f"the story already has {MAX_FRAMES} frames, the most storypipe makes")
+        return check_caption(caption)
+
+    # ----------------------------------------------------------------------------------------
+    # New stories
+    # ----------------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        seed_image: Image.Image,
+        seed_caption: str,
+        seed_description: str | None = None,
+        frames: int | None = None,
+        seed: int | None = None,
+    ) -> Story:
+        """A story of one frame, the seed (described by the description captioner unless given), that
+        :meth:`continue_story` extends to ``frames`` frames (default ``story.frames``)."""
+        caption, seed_description, frames, seed = self.check_begin(
+            self.cfg, seed_caption, seed_description, frames, seed
+        )
+        started = time.perf_counter()
+        seed_image = seed_image.convert("RGB")
+        if seed_description is None:
+            seed_description = self.captioner.describe(
+                seed_image, caption, caption, seed=derive_seed(seed, "description", 0)
+            )
+        metadata = {
+            "seed": seed,
+            "frames_requested": frames,
+            "timings_s": {"0": {"description": time.perf_counter() - started}},
+        }
+        return Story([Frame(0, caption, seed_description, seed_image, "seed")], metadata)
+
+    def tell(
+        self,
+        seed_image: Image.Image,
+        seed_caption: str,
+        seed_description: str | None = None,
+        frames: int | None = None,
+        seed: int | None = None,
+        on_frame: FrameCallback | None = None,
+    ) -> Story:
+        """The whole story from its seed frame."""
+        story = self.begin(seed_image, seed_caption, seed_description, frames, seed)
+        if on_frame is not None:
+            on_frame(story.frames[0])
+        return self.continue_story(story, on_frame)
+
+    def continue_story(self, story: Story, on_frame: FrameCallback | None = None) -> Story:
+        """Extend ``story`` (in place, and returned) with generated frames up to its ``frames_requested``."""
+        target = check_frame_count(int(story.metadata.get("frames_requested", self.cfg.frames)))
+        seed = int(story.metadata.get("seed", self.cfg.seed))
+        while len(story.frames) < target:
+            frame = self._next_frame(story, seed, target)
+            story.frames.append(frame)
+            if on_frame is not None:
+                on_frame(frame)
+        self._stage(len(story.frames), target, "done")
+        return story
+
+    # ----------------------------------------------------------------------------------------
+    # Editing and insertion: each returns a new story and leaves the one given unchanged
+    # ----------------------------------------------------------------------------------------
+
+    def edit(
+        self,
+        story: Story,
+        index: int,
+        caption: str,
+        strength: float,
+        propagate: bool = False,
+        on_frame: FrameCallback | None = None,
+    ) -> Story:
+        """Replace frame ``index``'s story caption, then regenerate its description and (img2img) image;
+        with ``propagate``, regenerate every later frame from it."""
+        caption = self.check_edit(story, index, caption, strength)
+        edited = story.copy()
+        seed = int(edited.metadata.get("seed", self.cfg.seed))
+        current = edited.frames[index]
+        # The description reads the previous frame; the seed frame has none and is described from itself.
+        if index > 0:
+            read_image, read_caption = edited.frames[index - 1].image, edited.frames[index - 1].story_caption
+        else:
+            read_image, read_caption = current.image, caption
+        description = self.captioner.describe(
+            read_image, read_caption, caption, seed=derive_seed(seed, "description", index)
+        )
+        self._stage(index, len(edited.frames), "edit")
+        image = self._illustrate(
+            edited.frames[:index], description, derive_seed(seed, "edit", index), current.image, strength
+        )
+        edited.frames[index] = Frame(index, caption, description, image, "edited")
+        edited.metadata.setdefault("changes", []).append(
+            {
+                "change": "edit",
+                "frame": index,
+                "caption": caption,
+                "strength": strength,
+                "propagate": propagate,
+            }
+        )
+        if on_frame is not None:
+            on_frame(edited.frames[index])
+        if propagate:
+            del edited.frames[index + 1 :]
+            self.continue_story(edited, on_frame)
+        return edited
+
+    def insert(self, story: Story, after: int, caption: str, on_frame: FrameCallback | None = None) -> Story:
+        """A new panel between frames ``after`` and ``after + 1``, conditioned on the frames up to ``after``;
+        the later frames move up one place."""
+        caption = self.check_insert(story, after, caption)
         seed = int(story.metadata.get("seed", self.cfg.seed))
         previous = story.frames[after]
-        previous_image = load_frame_image(folder, previous.image)
         description = self.captioner.describe(
-            previous_image, previous.story_caption, caption, seed=frame_seed(seed, after + 1, 7)
+            previous.image,
+            previous.story_caption,
+            caption,
+            seed=derive_seed(seed, "insert-description", after),
         )
-        self._note_progress(after + 1, len(story.frames) + 1, "insert")
-        image = self._illustrate(
-            folder, story.frames[: after + 1], description, frame_seed(seed, after + 1, 7)
-        )
+        self._stage(after + 1, len(story.frames) + 1, "insert")
+        image = self._illustrate(story.frames[: after + 1], description, derive_seed(seed, "insert", after))
 
-        # Later frames move up one place; the new image waits under a staging name until renumbering.
-        new = Frame(after + 1, caption, description, save_staged_image(folder, image), "inserted")
-        frames = story.frames[: after + 1] + [new] + story.frames[after + 1 :]
+        inserted = story.copy()
+        new = Frame(after + 1, caption, description, image, "inserted")
+        frames = inserted.frames[: after + 1] + [new] + inserted.frames[after + 1 :]
         for position, frame in enumerate(frames):
             frame.index = position
-        story.frames = frames
-        renumber_frames(folder, story)
-        story.metadata["frames_requested"] = len(frames)
-        story.save(folder)
-        write_storyboard(folder, story)
-        return story
+        inserted.frames = frames
+        inserted.metadata["frames_requested"] = len(frames)
+        inserted.metadata.setdefault("changes", []).append(
+            {"change": "insert", "after": after, "caption": caption}
+        )
+        if on_frame is not None:
+            on_frame(new)
+        return inserted
 
     # ----------------------------------------------------------------------------------------
 
-    def _append_generated_frame(self, folder: Path, story: Story, seed: int, target: int) -> None:
+    def _next_frame(self, story: Story, seed: int, target: int) -> Frame:
         index = len(story.frames)
         previous = story.frames[-1]
-        previous_image = load_frame_image(folder, previous.image)
         timings: dict[str, float] = {}
 
         # 1. The next story caption, resampled while it nearly repeats an earlier one.
-        self._note_progress(index, target, "story caption")
+        self._stage(index, target, "story caption")
         started = time.perf_counter()
         earlier = [frame.story_caption for frame in story.frames]
         for attempt in range(self.cfg.repetition_retries + 1):
             caption = self.captioner.next_story_caption(
-                previous_image, previous.story_caption, seed=frame_seed(seed, index, attempt)
+                previous.image, previous.story_caption, seed=derive_seed(seed, "caption", index, attempt)
             )
             repeated = max(
                 (similarity(caption, other, self.cfg.repetition_rule) for other in earlier), default=0.0
@@ -258,37 +309,39 @@ class StoryTeller:
         timings["story_caption"] = time.perf_counter() - started
 
         # 2. The literal description of the new frame.
-        self._note_progress(index, target, "description")
+        self._stage(index, target, "description")
         started = time.perf_counter()
         description = self.captioner.describe(
-            previous_image, previous.story_caption, caption, seed=frame_seed(seed, index)
+            previous.image, previous.story_caption, caption, seed=derive_seed(seed, "description", index)
         )
         timings["description"] = time.perf_counter() - started
 
         # 3. The image, conditioned on the previous <= K frames.
-        self._note_progress(index, target, "image")
+        self._stage(index, target, "image")
         started = time.perf_counter()
-        image = self._illustrate(folder, story.frames, description, frame_seed(seed, index))
+        image = self._illustrate(story.frames, description, derive_seed(seed, "image", index))
         timings["image"] = time.perf_counter() - started
 
-        story.frames.append(
-            Frame(index, caption, description, save_frame_image(folder, index, image), "generated")
-        )
         story.metadata.setdefault("timings_s", {})[str(index)] = timings
-        story.save(folder)
+        return Frame(index, caption, description, image, "generated")
 
     def _illustrate(
-        self, folder: Path, before: list[Frame], description: str, seed: int, init=None, strength=None
+        self,
+        before: list[Frame],
+        description: str,
+        seed: int,
+        init: Image.Image | None = None,
+        strength: float | None = None,
     ) -> Image.Image:
         context = before[-self.context_frames :] if self.context_frames else []
         result = self.illustrator.generate(
             description,
-            [load_frame_image(folder, frame.image) for frame in context],
+            [frame.image for frame in context],
             [frame.description or frame.story_caption for frame in context],
             seed=seed,
             init_image=init,
             strength=strength,
-            on_step=self.progress.on_step,
+            on_step=self.events.on_step,
         )
         if getattr(result, "prompt_truncated", False):
             self._note(
@@ -296,20 +349,10 @@ class StoryTeller:
             )
         return result.image
 
-    def _note_progress(self, index: int, total: int, what: str) -> None:
-        if self.progress.on_frame is not None:
-            self.progress.on_frame(index, total, what)
+    def _stage(self, index: int, total: int, what: str) -> None:
+        if self.events.on_stage is not None:
+            self.events.on_stage(index, total, what)
 
     def _note(self, message: str) -> None:
-        if self.progress.on_note is not None:
-            self.progress.on_note(message)
-
-
-def _check_index(index: int, count: int, option: str) -> None:
-    if not 0 <= index < count:
-        raise StorypipeError(f"{option} {index} is out of range: the story has frames 0..{count - 1}")
-
-
-def _check_caption(caption: str) -> None:
-    if not caption or not caption.strip():
-        raise StorypipeError("the caption is empty")
+        if self.events.on_note is not None:
+            self.events.on_note(message)

@@ -8,7 +8,7 @@ Training scripts, the evaluation and the story loop all report through :class:`P
             steps.update(step + 1, status=f"loss {loss:.3f}")
 
 On a terminal it is a rich progress display (one bar per task). When stdout is not a terminal, a bar
-would print nothing useful, so each task prints one line when it starts, then at most one line every
+would print nothing useful, so each task prints a line at its first update, then at most one line every
 ``interval_s`` seconds, and one when it completes.
 """
 
@@ -112,7 +112,6 @@ class ProgressReporter:
             task_id = self._bars.add_task(escape(label), total=total, completed=completed, status="")
         task = ProgressTask(self, label, total, task_id)
         task.completed = completed
-        self._show(task)
         return task
 
     def note(self, message: str) -> None:

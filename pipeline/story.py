@@ -1,15 +1,15 @@
 """Story types and ``story.json``, the contract between generation, editing and evaluation.
 
-A story folder looks like::
-
-    story.json            # this schema, version 1
-    frames/frame_00.png   # Frame.image paths are relative to the folder
+A :class:`Story` lives in memory: each :class:`Frame` holds its PIL image. ``story.save(folder)`` writes
+the story folder a person opens (see :mod:`pipeline.story_folder`) and ``Story.load(folder)`` reads it
+back. Frames are numbered from 0, the seed frame, everywhere: in ``story.json``, in the file names, in
+the storyboards, and in the CLI's and the API's ``frame=`` / ``after=``.
 
 ``story.json``::
 
     {
       "version": 1,
-      "metadata": {...},          # free-form JSON: seed, timings, model ids, ...
+      "metadata": {...},          # free-form JSON: seed, timings, the changes made to the story, ...
       "frames": [
         {"index": 0, "story_caption": "...", "description": "...",
          "image": "frames/frame_00.png", "source": "seed"},
@@ -17,25 +17,30 @@ A story folder looks like::
       ]
     }
 
-``Story.from_json(story.to_json()) == story`` holds for every valid story (tested).
+``Story.from_json(story.to_json())`` gives the story back without its images (tested).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pipeline.errors import DataError
-from pipeline.io import atomic_write_json
+from PIL import Image
 
 STORY_JSON_VERSION = 1
 STORY_JSON_NAME = "story.json"
+FRAMES_DIR = "frames"
 
 FrameSource = Literal["seed", "generated", "edited", "inserted"]
 FRAME_SOURCES: tuple[str, ...] = get_args(FrameSource)
 _FRAME_KEYS = ("index", "story_caption", "description", "image", "source")
+
+
+def frame_file(index: int) -> str:
+    """Where frame ``index``'s image lives, relative to the story folder: ``frames/frame_00.png``."""
+    return f"{FRAMES_DIR}/frame_{index:02d}.png"
 
 
 @dataclass
@@ -43,13 +48,14 @@ class Frame:
     """One panel of a story.
 
     ``description`` is the literal description of the image (the diffusion prompt); it is ``None``
-    until a captioner or a dataset provides one. ``image`` is a path relative to the story folder.
+    until a captioner or a dataset provides one. ``image`` is the frame's picture, in memory (``None``
+    for a story read from ``story.json`` alone).
     """
 
     index: int
     story_caption: str
     description: str | None
-    image: str
+    image: Image.Image | None
     source: FrameSource
 
     def __post_init__(self) -> None:
@@ -61,34 +67,61 @@ class Frame:
             raise ValueError(f"Frame.story_caption must be a string, got {self.story_caption!r}")
         if self.description is not None and not isinstance(self.description, str):
             raise ValueError(f"Frame.description must be a string or null, got {self.description!r}")
-        if not isinstance(self.image, str) or Path(self.image).is_absolute():
-            raise ValueError(f"Frame.image must be a path relative to the story folder, got {self.image!r}")
+        if self.image is not None and not isinstance(self.image, Image.Image):
+            raise ValueError(f"Frame.image must be a PIL image or None, got {type(self.image).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _FRAME_KEYS}
+        return {
+            "index": self.index,
+            "story_caption": self.story_caption,
+            "description": self.description,
+            "image": frame_file(self.index),
+            "source": self.source,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Frame:
+    def from_dict(cls, data: dict[str, Any], image: Image.Image | None = None) -> Frame:
+        """A frame from its ``story.json`` entry (which names its image file; see :func:`image_path`)."""
         missing = [key for key in _FRAME_KEYS if key not in data]
         unknown = [key for key in data if key not in _FRAME_KEYS]
         if missing or unknown:
             raise ValueError(
                 f"frame keys: missing {missing}, unknown {unknown}; expected exactly {list(_FRAME_KEYS)}"
             )
-        return cls(**{key: data[key] for key in _FRAME_KEYS})
+        image_path(data)  # a valid relative path, even when the image itself is not loaded
+        return cls(data["index"], data["story_caption"], data["description"], image, data["source"])
+
+
+def image_path(frame_entry: dict[str, Any]) -> str:
+    """The image path of a ``story.json`` frame entry, checked to be relative to the story folder."""
+    path = frame_entry.get("image")
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
+        raise ValueError(f"Frame.image must be a path relative to the story folder, got {path!r}")
+    return path
 
 
 @dataclass
 class Story:
-    """An ordered list of frames plus free-form JSON metadata (seed, timings, model ids...)."""
+    """Ordered frames (0 = the seed), free-form JSON metadata, and the resolved config it was told with.
+
+    ``config`` is written as the folder's ``config.yaml``: ``storypipe edit`` and ``generate --resume``
+    rebuild the same models from it.
+    """
 
     frames: list[Frame]
     metadata: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         indices = [frame.index for frame in self.frames]
         if indices != list(range(len(self.frames))):
             raise ValueError(f"frame indices must be 0..{len(self.frames) - 1} in order, got {indices}")
+
+    def copy(self) -> Story:
+        """A copy whose frames, metadata and config can change without touching this story (images are
+        shared: a frame gets a new image, never an image changed in place)."""
+        frames = [Frame(f.index, f.story_caption, f.description, f.image, f.source) for f in self.frames]
+        return Story(frames, copy.deepcopy(self.metadata), copy.deepcopy(self.config))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +132,7 @@ class Story:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Story:
+        """The story a ``story.json`` document describes, without images; raises ``ValueError`` if invalid."""
         if not isinstance(data, dict):
             raise ValueError(f"story.json must hold an object, got {type(data).__name__}")
         version = data.get("version")
@@ -110,25 +144,23 @@ class Story:
         if unknown:
             raise ValueError(f"unknown top-level keys {sorted(unknown)}")
         frames = data.get("frames")
-        if not isinstance(frames, list):
-            raise ValueError("'frames' must be a list")
+        if not isinstance(frames, list) or not all(isinstance(frame, dict) for frame in frames):
+            raise ValueError("'frames' must be a list of objects")
         metadata = data.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ValueError("'metadata' must be an object")
         return cls(frames=[Frame.from_dict(frame) for frame in frames], metadata=metadata)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/story.json`` atomically."""
-        return atomic_write_json(Path(folder) / STORY_JSON_NAME, self.to_json())
+        """Write the story folder (``story.json``, frames, ``config.yaml``, storyboards; ``history/`` keeps
+        what this replaces of a story already there). Returns the folder."""
+        from pipeline.story_folder import save_story
+
+        return save_story(Path(folder), self)
 
     @classmethod
     def load(cls, folder: str | Path) -> Story:
-        path = Path(folder) / STORY_JSON_NAME
-        if not path.is_file():
-            raise DataError(
-                f"{path} does not exist: is {folder} a story folder written by `storypipe generate`?"
-            )
-        try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise DataError(f"{path} is not a valid story.json: {exc}") from exc
+        """Read a story folder, images included."""
+        from pipeline.story_folder import load_story
+
+        return load_story(Path(folder))

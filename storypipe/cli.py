@@ -1,698 +1,622 @@
-"""The ``storypipe`` command line.
+"""The ``storypipe`` command line: a table of thin commands over the Python API.
 
-Every command takes ``--config FILE`` or ``--preset NAME`` (a file in ``configs/``) and any number of
-``--set section.key=value`` overrides. Command options that mirror a config key (``--image-size``...)
-are applied last, and the resolved config is written into every output folder.
+:data:`COMMANDS` lists every command and the function it runs. Each command function takes typed
+arguments, calls one function of :mod:`storypipe.api` or :mod:`storypipe.tasks`, and returns the lines to
+print; :func:`build_command` gives every command the same scaffolding:
+
+- ``--preset NAME`` / ``--config FILE`` / ``--set section.key=value`` (repeatable) and ``--verbose``;
+- options that mirror a config key (``--steps`` for ``generator.num_inference_steps``) reach the config
+  as typed values, and win over ``--set``, which wins over the file;
+- a user error prints one line, ``error: ...``, and exits with status 2; so does a usage error;
+- third-party logging, warnings and download bars stay quiet unless ``--verbose``.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import logging
+import os
 import re
-import shutil
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any
 
-import typer
+import click
 import yaml
-from PIL import Image
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
+from rich.text import Text
+
+from pipeline.config import config_to_dict, load_config
+from pipeline.errors import InputError, StorypipeError
+from pipeline.orchestrator import StoryEvents
+from pipeline.progress import ProgressReporter
+from pipeline.story import Story
+from storypipe import __version__, tasks
+from storypipe.api import StoryPipeline, story_config_path
+from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_names, resolve_config
+
+STORIES_DIR = Path("stories")  # where `generate` writes a story without --out
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
+FOLDER = click.Path(file_okay=False, path_type=Path)
+
+
+# --------------------------------------------------------------------------------------------
+# The scaffolding every command shares
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigOption(click.Option):
+    """An option that mirrors a config key: its typed value goes into the config, not to the command."""
+
+    def __init__(self, flag: str, config_key: str, help: str, **kwargs: Any) -> None:
+        super().__init__([flag], help=f"{help} [default: the config's {config_key}]", **kwargs)
+        self.config_key = config_key
+
+
+def option(*flags: str, help: str, **kwargs: Any) -> click.Option:
+    """A command option; defaults are shown in ``--help``, and a flag shows as a flag."""
+    return click.Option(list(flags), help=help, show_default=kwargs.pop("show_default", True), **kwargs)
+
+
+SHARED_OPTIONS = (
+    option(
+        "--preset",
+        help=f"A preset: {', '.join(preset_names())}. [default: {DEFAULT_PRESET}]",
+        show_default=False,
+    ),
+    option(
+        "--config", "config_file", type=EXISTING_FILE, help="Your own YAML config file instead of a preset."
+    ),
+    option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config key (the value is read as YAML), e.g. --set story.frames=8. Repeatable.",
+    ),  # fmt: skip
+    option("--verbose", "-v", is_flag=True, help="Also show third-party libraries' logging and warnings."),
 )
 
-from pipeline.config import config_to_dict, save_resolved_config
-from pipeline.errors import StorypipeError
-from storypipe import wiring
-from storypipe.config import StorypipeConfig, resolve_config
 
-app = typer.Typer(
-    name="storypipe",
-    help="Visual storytelling: from one seed frame, write and draw the rest of the story.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+@dataclass
+class Run:
+    """What a command function gets besides its own options: the config options, and the console."""
 
-F = TypeVar("F", bound=Callable[..., Any])
+    config_file: Path | None
+    preset: str | None
+    overrides: tuple[str, ...]
+    values: dict[str, Any]
+    console: Console = field(default_factory=lambda: Console(soft_wrap=True))
 
-# Options every command shares.
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="A YAML config file (see configs/).", dir_okay=False)
-]
-PresetOption = Annotated[
-    str | None, typer.Option("--preset", help="A preset name: a file configs/NAME.yaml (default: vist).")
-]
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key, e.g. --set data.image_size=256. Repeatable."),
-]
+    def config(self, story_folder: Path | None = None) -> StorypipeConfig:
+        """``--config`` or ``--preset`` when given; else, for a command on a story folder, the folder's own
+        ``config.yaml``; else the default preset. ``--set`` and config options apply on top."""
+        if story_folder is not None and self.config_file is None and self.preset is None:
+            return load_config(StorypipeConfig, story_config_path(story_folder), self.overrides, self.values)
+        return resolve_config(self.config_file, self.preset, self.overrides, self.values)
+
+    def progress(self) -> ProgressReporter:
+        return ProgressReporter(self.console)
+
+    def note(self, message: str) -> None:
+        self.console.print(Text("note: ", style="yellow") + Text(message), highlight=False)
+
+    def story_events(self, progress: ProgressReporter) -> StoryEvents:
+        """The story loop's progress: which frame and stage, and the denoising steps."""
+        frames, steps = progress.task("frames"), progress.task("denoising")
+        return StoryEvents(
+            on_stage=lambda index, total, what: frames.update(index, total, label=f"frame {index}: {what}"),
+            on_step=lambda step, total: steps.update(step, total),
+            on_note=self.note,
+        )
+
+    def note_zero_shot(self, pipe: StoryPipeline) -> None:
+        for task in pipe.zero_shot_tasks:
+            self.note(f"no {task} adapter configured (captioner.{task}_adapter): the base model answers "
+                      "zero-shot. Train one with `make finetune-llava`.")  # fmt: skip
 
 
-def user_errors(command: F) -> F:
-    """Print a ``StorypipeError`` as one clear line (no traceback) and exit with status 2."""
+def build_command(name: str, function: Callable[..., Sequence[str]]) -> click.Command:
+    """A click command for ``function(run, **options)``: its options (``function.options``) plus the shared
+    ones; it prints the returned lines, the first with the time taken."""
+    own = list(getattr(function, "options", ()))
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def callback(config_file, preset, overrides, verbose, **given: Any) -> None:
+        quiet_third_party_output(verbose)
+        values = {opt.config_key: given.pop(opt.name) for opt in own if isinstance(opt, ConfigOption)}
+        run = Run(config_file, preset, tuple(overrides), {k: v for k, v in values.items() if v is not None})
+        started = time.perf_counter()
+        lines = list(function(run, **given))
+        for number, line in enumerate(lines):
+            suffix = f" ({time.perf_counter() - started:.1f}s)" if number == 0 else ""
+            run.console.print(line + suffix, highlight=False, markup=False)
+
+    return click.Command(name, callback=callback, params=[*own, *SHARED_OPTIONS], help=function.__doc__)
+
+
+def options(*params: click.Option) -> Callable[[Callable], Callable]:
+    """Attach a command function's own options (read by :func:`build_command`)."""
+
+    def attach(function: Callable) -> Callable:
+        function.options = params
+        return function
+
+    return attach
+
+
+def quiet_third_party_output(verbose: bool) -> None:
+    """Keep a normal run to storypipe's own progress and results: third-party logging, deprecation and
+    future warnings, and download/loading bars are shown only with ``--verbose``. Our own notes about
+    the user's input are printed either way."""
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bars
+    for name in ("bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(transformers|diffusers|peft|accelerate|torch)"
+        )
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if "transformers" in sys.modules:  # already imported (e.g. by a test): switch its bars off directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+
+
+class StorypipeGroup(click.Group):
+    """The command group; every user error, including a usage error, prints as one ``error:`` line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # the table's order, not alphabetical
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        standalone = extra.pop("standalone_mode", True)
+        prog_name = prog_name or "storypipe"
+        errors = Console(stderr=True, soft_wrap=True)
         try:
-            return command(*args, **kwargs)
-        except StorypipeError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-            raise typer.Exit(code=2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _config(
-    config: Path | None, preset: str | None, sets: list[str] | None, **options: Any
-) -> StorypipeConfig:
-    """Resolve the config; ``options`` maps ``section.key`` to a command-line value (None = not given)."""
-    option_overrides = [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]
-    return resolve_config(config, preset, [*(sets or []), *option_overrides])
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "storypipe"
+            errors.print(
+                Text("error: ", style="bold red") + Text(f"{exc.format_message()} (see `{command} --help`)")
+            )
+            code = 2
+        except (click.ClickException, StorypipeError) as exc:
+            message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+            errors.print(Text("error: ", style="bold red") + Text(message))
+            code = 2
+        except (click.Abort, KeyboardInterrupt):
+            errors.print(Text("error: ", style="bold red") + Text("interrupted"))
+            code = 130
+        if standalone:
+            sys.exit(code)
+        return code
 
 
-@app.command("show-config")
-@user_errors
-def show_config(config: ConfigOption = None, preset: PresetOption = None, set_: SetOption = None) -> None:
+@click.group(
+    "storypipe",
+    cls=StorypipeGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, "--version", prog_name="storypipe", message="%(prog)s %(version)s")
+def app() -> None:
+    """Visual storytelling: from one seed frame, write and draw the rest of the story.
+
+    Every command takes --preset/--config/--set; see the README for the config keys.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Config and data
+# --------------------------------------------------------------------------------------------
+
+
+def show_config(run: Run) -> list[str]:
     """Print the resolved config (preset + overrides) as YAML."""
-    cfg = _config(config, preset, set_)
-    console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="", highlight=False, markup=False)
+    return [yaml.safe_dump(config_to_dict(run.config()), sort_keys=False).rstrip()]
 
 
-@app.command("toy-data")
-@user_errors
-def toy_data(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the VIST-layout dataset into.")],
-    stories: Annotated[int | None, typer.Option(help="Number of stories (config toy.stories).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives the same bytes.")] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Image side in pixels (config toy.image_size).")
-    ] = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option("--out", type=FOLDER, required=True, help="Folder to write the VIST-layout dataset into."),
+    ConfigOption("--stories", "toy.stories", type=int, help="Number of stories."),
+    ConfigOption("--seed", "toy.seed", type=int, help="Random seed; the same seed gives the same bytes."),
+    ConfigOption("--image-size", "toy.image_size", type=int, help="Image side in pixels."),
+)
+def toy_data(run: Run, out: Path) -> list[str]:
     """Generate ShapeStories, our procedural story world, in VIST's layout (train/val/test)."""
-    from pipeline.data.shapestories import generate_shapestories
-
-    cfg = _config(
-        config, preset, set_, **{"toy.stories": stories, "toy.seed": seed, "toy.image_size": image_size}
-    )
-    started = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("ShapeStories", total=cfg.toy.stories)
-        counts = generate_shapestories(out, cfg.toy, progress=lambda n: progress.advance(task, n))
-    save_resolved_config(cfg, out)
-    split_text = ", ".join(f"{split} {count}" for split, count in counts.items())
-    console.print(
-        f"Wrote {sum(counts.values())} stories ({split_text}) to {out} in {time.perf_counter() - started:.1f}s"
-    )
+    counts = tasks.toy_data(run.config(), out, run.progress())
+    splits = ", ".join(f"{split} {count}" for split, count in counts.items())
+    return [f"Wrote {sum(counts.values())} stories ({splits}) to {out}"]
 
 
-@app.command("prepare-llava")
-@user_errors
-def prepare_llava_command(
-    vist_dir: Annotated[Path, typer.Option("--vist-dir", help="VIST folder: sis/, dii/, images/{split}/.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for the captioners' training data.")],
-    split: Annotated[str, typer.Option(help="Which split to read: train, val or test.")] = "train",
-    limit: Annotated[
-        int | None, typer.Option(help="Keep the first N usable stories in story_id order.")
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Side of the square JPEGs (config data.image_size).")
-    ] = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Build the captioners' LLaVA training data (story_next.json, description.json, images/)."""
-    from llava_ft.prepare import prepare_llava
-
-    if limit is not None and limit < 1:
-        raise typer.BadParameter("--limit must be at least 1", param_hint="--limit")
-    cfg = _config(config, preset, set_, **{"data.image_size": image_size})
-    with _progress() as progress:
-        task = progress.add_task("Stories", total=None)
-        report = prepare_llava(
-            vist_dir,
-            split,
-            out,
-            cfg.data,
-            limit=limit,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    save_resolved_config(cfg, out)
-    console.print(f"Usable stories: {report.usable_stories}")
-    for name, count in report.samples.items():
-        console.print(f"Samples written to {out / name}: {count}")
-    console.print(f"Images written to {out / 'images'}: {report.images_written}")
+@options(
+    option(
+        "--vist-dir", type=EXISTING_FOLDER, required=True, help="VIST folder: sis/, dii/, images/{split}/."
+    ),
+    option("--out", type=FOLDER, required=True, help="Output folder for the captioners' training data."),
+    option("--split", default="train", help="Which split to read: train, val or test."),
+    option("--limit", type=click.IntRange(min=1), help="Keep the first N usable stories in story_id order."),
+    ConfigOption("--image-size", "data.image_size", type=int, help="Side of the square JPEGs."),
+)
+def prepare_llava(run: Run, vist_dir: Path, out: Path, split: str, limit: int | None) -> list[str]:
+    """Build the captioners' LLaVA training data (story_next.json, description.json, caption.json, images/)."""
+    report = tasks.prepare_llava(run.config(), vist_dir, out, split, limit, run.progress())
     dropped = sum(report.dropped.values())
-    console.print(f"Dropped stories: {dropped}" + ("" if dropped else " (none)"))
-    for line in report.drop_lines:
-        console.print(f"  {line}", highlight=False)
+    lines = [f"Usable stories: {report.usable_stories}"]
+    lines += [f"Samples written to {out / name}: {count}" for name, count in report.samples.items()]
+    lines += [f"Images written to {out / 'images'}: {report.images_written}"]
+    lines += [f"Dropped stories: {dropped}" + ("" if dropped else " (none)")]
+    lines += [f"  {line}" for line in report.drop_lines]
     if report.usable_stories == 0:
-        err_console.print(
-            f"[bold yellow]warning:[/bold yellow] no usable stories in split {split!r} of {vist_dir}; "
-            "the sample files are empty. See the drop reasons above.",
-            highlight=False,
-        )
+        run.note(f"no usable stories in split {split!r} of {vist_dir}; the sample files are empty. "
+                 "See the drop reasons above.")  # fmt: skip
+    return lines
 
 
-@app.command("finetune-llava")
-@user_errors
-def finetune_llava_command(
-    task: Annotated[str, typer.Option(help="Which captioner: story or description.")],
-    data: Annotated[
-        Path, typer.Option("--data", help="story_next.json or description.json from prepare-llava.")
-    ],
-    images: Annotated[Path, typer.Option("--images", help="The images folder the samples name.")],
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Adapter folder (default: runs/llava-TASK).")
-    ] = None,
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """LoRA-finetune the LLaVA base for one captioner task; writes a plain PEFT adapter folder."""
-    cfg = _config(config, preset, set_)
-    out = out or Path("runs") / f"llava-{task}"
-    started = time.perf_counter()
-    folder = wiring.finetune_llava(cfg, task, data, images, out, resume=resume)
-    console.print(
-        f"Adapter written to {folder} in {time.perf_counter() - started:.1f}s (log: {folder / 'train_log.jsonl'})"
-    )
-    console.print(f"Use it with: --set captioner.{task}_adapter={folder}")
-
-
-@app.command("pretrain-llava")
-@user_errors
-def pretrain_llava_command(
-    data: Annotated[Path, typer.Option("--data", help="caption.json from prepare-llava.")],
-    images: Annotated[Path, typer.Option("--images", help="The images folder the samples name.")],
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Model folder (default: captioner.base_model).")
-    ] = None,
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Train a tiny LLaVA base from scratch (the toy models; captioner.tiny and captioner.pretrain)."""
-    cfg = _config(config, preset, set_)
-    out = out or Path(cfg.captioner.base_model)
-    started = time.perf_counter()
-    folder = wiring.pretrain_llava(cfg, data, images, out, resume=resume)
-    console.print(f"Base model written to {folder} in {time.perf_counter() - started:.1f}s")
-
-
-@app.command("caption")
-@user_errors
-def caption_command(
-    image: Annotated[Path, typer.Option("--image", help="The current frame's image.")],
-    caption: Annotated[str, typer.Option("--caption", help="The current frame's story caption.")],
-    next_caption: Annotated[
-        str | None,
-        typer.Option("--next-caption", help="The next story caption (default: the story captioner's)."),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="Sampling temperature (config captioner.temperature).")
-    ] = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Print the next story caption and the next frame's description for one image and caption."""
-    from pipeline.io import load_rgb
-
-    if not caption.strip():
-        raise typer.BadParameter("the caption is empty", param_hint="--caption")
-    if not image.is_file():
-        raise typer.BadParameter(f"{image} does not exist", param_hint="--image")
-    picture = load_rgb(image)
-    cfg = _config(config, preset, set_, **{"captioner.temperature": temperature})
-    captioners = wiring.load_captioners(cfg)
-    for task in captioners.zero_shot_tasks:
-        console.print(f"[yellow]note:[/yellow] no {task} adapter configured (captioner.{task}_adapter): "
-                      f"the base model answers zero-shot. Train one with `make finetune-llava`.")  # fmt: skip
-    if next_caption is None:
-        next_caption = captioners.next_story_caption(picture, caption, seed=seed)
-        console.print(f"Next story caption: {next_caption}", highlight=False)
-    description = captioners.describe(picture, caption, next_caption, seed=seed)
-    console.print(f"Description of the next frame: {description}", highlight=False)
-
-
-@app.command("pretrain-diffusion")
-@user_errors
-def pretrain_diffusion_command(
-    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder (e.g. from toy-data).")],
-    out: Annotated[Path, typer.Option("--out", help="Output SD 1.5-layout folder.")],
-    split: Annotated[str, typer.Option(help="Which split to train on.")] = "train",
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Train a tiny diffusion base from scratch: a VAE, then a text-to-image UNet (generator.pretrain)."""
-    cfg = _config(config, preset, set_)
-    started = time.perf_counter()
-    folder = wiring.pretrain_diffusion(cfg, data, out, split=split, resume=resume)
-    console.print(f"Base model written to {folder} in {time.perf_counter() - started:.1f}s")
-    console.print(f"Add context layers with: storypipe finetune-storygen --set generator.base_model={folder}")
-
-
-@app.command("finetune-storygen")
-@user_errors
-def finetune_storygen_command(
-    data: Annotated[
-        Path, typer.Option("--data", help="A VIST-layout folder (VIST, ShapeStories, converted *SV).")
-    ],
-    split: Annotated[str, typer.Option(help="Which split to train on.")] = "train",
-    out: Annotated[Path, typer.Option("--out", help="Output model folder.")] = Path("runs/storygen"),
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
-    """Finetune the frame generator's added context layers; the output loads with one from_pretrained call."""
-    cfg = _config(config, preset, set_)
-    started = time.perf_counter()
-    folder = wiring.finetune_storygen(cfg, data, out, split=split, resume=resume)
-    console.print(
-        f"Model written to {folder} in {time.perf_counter() - started:.1f}s (log: {folder / 'train_log.jsonl'})"
-    )
-    console.print(f"Use it with: --set generator.base_model={folder}")
-
-
-@app.command("convert-storysv")
-@user_errors
-def convert_storysv_command(
-    dataset: Annotated[str, typer.Option(help="flintstones or pororo.")],
-    src: Annotated[Path, typer.Option("--src", help="The dataset as published (see README).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder, in VIST layout.")],
-    referential: Annotated[
-        bool,
-        typer.Option(
-            "--referential",
-            help="Story captions use pronouns for repeated characters (Make-A-Story's extended text).",
-        ),
-    ] = False,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option("--dataset", type=click.Choice(tasks.STORYSV_DATASETS), required=True, help="Which dataset."),
+    option("--src", type=EXISTING_FOLDER, required=True, help="The dataset as published (see README)."),
+    option("--out", type=FOLDER, required=True, help="Output folder, in VIST layout."),
+    option(
+        "--referential",
+        is_flag=True,
+        help="Story captions use pronouns for repeated characters (Make-A-Story's extended text).",
+    ),  # fmt: skip
+)
+def convert_storysv(run: Run, dataset: str, src: Path, out: Path, referential: bool) -> list[str]:
     """Convert FlintstonesSV or PororoSV into the VIST layout, with character and background labels."""
-    from pipeline.data.storysv import convert_storysv
+    counts = tasks.convert_storysv(run.config(), dataset, src, out, referential, run.progress())
+    splits = ", ".join(f"{split} {count}" for split, count in counts.items())
+    return [f"Wrote {sum(counts.values())} stories ({splits}) to {out}"]
 
-    if dataset not in ("flintstones", "pororo"):
-        raise typer.BadParameter("must be flintstones or pororo", param_hint="--dataset")
-    cfg = _config(config, preset, set_)
-    with _progress() as progress:
-        task = progress.add_task(dataset, total=None)
-        counts = convert_storysv(
-            dataset, src, out, referential=referential, progress=lambda n: progress.advance(task, n)
-        )
-    save_resolved_config(cfg, out)
-    console.print(
-        f"Wrote {sum(counts.values())} stories ("
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + f") to {out}"
+
+# --------------------------------------------------------------------------------------------
+# The captioners
+# --------------------------------------------------------------------------------------------
+
+RESUME = option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+
+
+@options(
+    option("--task", type=click.Choice(("story", "description")), required=True, help="Which captioner."),
+    option(
+        "--data",
+        type=EXISTING_FILE,
+        required=True,
+        help="story_next.json or description.json (prepare-llava).",
+    ),
+    option("--images", type=EXISTING_FOLDER, required=True, help="The images folder the samples name."),
+    option("--out", type=FOLDER, help="Adapter folder. [default: runs/llava-TASK]", show_default=False),
+    RESUME,
+)
+def finetune_llava(
+    run: Run, task: str, data: Path, images: Path, out: Path | None, resume: bool
+) -> list[str]:
+    """LoRA-finetune the LLaVA base for one captioner task; writes a plain PEFT adapter folder."""
+    folder = tasks.finetune_llava(
+        run.config(), task, data, images, out or Path("runs") / f"llava-{task}", resume
     )
+    return [f"Adapter written to {folder} (log: {folder / 'train_log.jsonl'})",
+            f"Use it with: --set captioner.{task}_adapter={folder}"]  # fmt: skip
+
+
+@options(
+    option("--data", type=EXISTING_FILE, required=True, help="caption.json from prepare-llava."),
+    option("--images", type=EXISTING_FOLDER, required=True, help="The images folder the samples name."),
+    option(
+        "--out",
+        type=FOLDER,
+        help="Model folder. [default: the config's captioner.base_model]",
+        show_default=False,
+    ),
+    RESUME,
+)
+def pretrain_llava(run: Run, data: Path, images: Path, out: Path | None, resume: bool) -> list[str]:
+    """Train a tiny LLaVA base from scratch (the toy models; captioner.tiny and captioner.pretrain)."""
+    cfg = run.config()
+    folder = tasks.pretrain_llava(cfg, data, images, out or Path(cfg.captioner.base_model), resume)
+    return [f"Base model written to {folder}"]
+
+
+@options(
+    option("--image", type=EXISTING_FILE, required=True, help="The current frame's image."),
+    option("--caption", required=True, help="The current frame's story caption."),
+    option(
+        "--next-caption", help="The next story caption. [default: the story captioner's]", show_default=False
+    ),
+    option("--seed", type=int, help="Sampling seed."),
+    ConfigOption("--temperature", "captioner.temperature", type=float, help="Sampling temperature."),
+)
+def caption(run: Run, image: Path, caption: str, next_caption: str | None, seed: int | None) -> list[str]:
+    """Print the next story caption and the next frame's description for one image and caption."""
+    pipe = StoryPipeline(run.config())
+    predicted, description = pipe.caption(image, caption, next_caption, seed=seed)
+    run.note_zero_shot(pipe)
+    lines = [] if next_caption is not None else [f"Next story caption: {predicted}"]
+    return [*lines, f"Description of the next frame: {description}"]
+
+
+# --------------------------------------------------------------------------------------------
+# The frame generator
+# --------------------------------------------------------------------------------------------
+
+
+@options(
+    option("--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder (e.g. from toy-data)."),
+    option("--out", type=FOLDER, required=True, help="Output SD 1.5-layout folder."),
+    option("--split", default="train", help="Which split to train on."),
+    RESUME,
+)
+def pretrain_diffusion(run: Run, data: Path, out: Path, split: str, resume: bool) -> list[str]:
+    """Train a tiny diffusion base from scratch: a VAE, then a text-to-image UNet (generator.pretrain)."""
+    folder = tasks.pretrain_diffusion(run.config(), data, out, split, resume)
+    return [f"Base model written to {folder}",
+            f"Add context layers with: storypipe finetune-storygen --set generator.base_model={folder}"]  # fmt: skip
+
+
+@options(
+    option(
+        "--data",
+        type=EXISTING_FOLDER,
+        required=True,
+        help="A VIST-layout folder (VIST, ShapeStories, converted *SV).",
+    ),  # fmt: skip
+    option("--out", type=FOLDER, default=Path("runs/storygen"), help="Output model folder."),
+    option("--split", default="train", help="Which split to train on."),
+    RESUME,
+)
+def finetune_storygen(run: Run, data: Path, out: Path, split: str, resume: bool) -> list[str]:
+    """Finetune the frame generator's added context layers; the output loads with one from_pretrained call."""
+    folder = tasks.finetune_storygen(run.config(), data, out, split, resume)
+    return [f"Model written to {folder} (log: {folder / 'train_log.jsonl'})",
+            f"Use it with: --set generator.base_model={folder}"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # Stories: generate, edit, insert
 # --------------------------------------------------------------------------------------------
 
-StepsOption = Annotated[
-    int | None, typer.Option("--steps", help="Denoising steps (generator.num_inference_steps).")
-]
-GuidanceOption = Annotated[
-    float | None, typer.Option("--guidance-scale", help="Text guidance (generator.guidance_scale).")
-]
-ImageGuidanceOption = Annotated[
-    float | None,
-    typer.Option("--image-guidance-scale", help="Reference-frame guidance (generator.image_guidance_scale)."),
-]
-TemperatureOption = Annotated[
-    float | None, typer.Option("--temperature", help="Captioner sampling temperature.")
-]
+SAMPLING_OPTIONS = (
+    ConfigOption(
+        "--temperature", "captioner.temperature", type=float, help="Captioner sampling temperature."
+    ),
+    ConfigOption("--guidance-scale", "generator.guidance_scale", type=float, help="Text guidance."),
+    ConfigOption(
+        "--image-guidance-scale",
+        "generator.image_guidance_scale",
+        type=float,
+        help="Reference-frame guidance.",
+    ),  # fmt: skip
+    ConfigOption("--steps", "generator.num_inference_steps", type=int, help="Denoising steps."),
+)
 
 
-def _sampling_overrides(temperature, guidance_scale, image_guidance_scale, steps) -> dict[str, Any]:
-    return {
-        "captioner.temperature": temperature,
-        "generator.guidance_scale": guidance_scale,
-        "generator.image_guidance_scale": image_guidance_scale,
-        "generator.num_inference_steps": steps,
-    }
-
-
-def _story_config(folder: Path, sets: list[str] | None, **options: Any) -> StorypipeConfig:
-    """The config a story folder was made with, plus this command's overrides."""
-    from pipeline.config import RESOLVED_CONFIG_NAME, load_config
-
-    path = folder / RESOLVED_CONFIG_NAME
-    if not path.is_file():
-        raise StorypipeError(
-            f"{path} does not exist: is {folder} a story folder written by `storypipe generate`?"
-        )
-    option_overrides = [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]
-    return load_config(StorypipeConfig, path, [*(sets or []), *option_overrides])
-
-
-def _run_with_progress(teller, work: Callable[[Any], Any]) -> Any:
-    """Run ``work(teller)`` with a two-line progress display: frames, and denoising steps."""
-    from pipeline.orchestrator import Progress as StoryProgress
-
-    with _progress() as progress:
-        frames = progress.add_task("frames", total=None)
-        steps = progress.add_task("denoising", total=None)
-        events = StoryProgress(
-            on_frame=lambda index, total, what: progress.update(frames, completed=index, total=total, description=f"frame {index}: {what}"),
-            on_step=lambda step, total: progress.update(steps, completed=step, total=total),
-            on_note=lambda message: console.print(f"[yellow]note:[/yellow] {message}", highlight=False),
-        )  # fmt: skip
-        teller.progress = events
-        return work(teller)
-
-
-def _report_models(teller) -> None:
-    for task in getattr(teller.captioner, "zero_shot_tasks", ()):
-        console.print(f"[yellow]note:[/yellow] no {task} adapter configured (captioner.{task}_adapter): "
-                      "the base model answers zero-shot. Train one with `make finetune-llava`.")  # fmt: skip
-
-
-def _load_seed_image(path: Path, cfg: StorypipeConfig) -> Image.Image:
-    from pipeline.io import load_rgb
-
-    if not path.is_file():
-        raise StorypipeError(f"seed image {path} does not exist")
-    image = load_rgb(path)  # any mode -> RGB; a non-image is a clear error
-    shorter, longer = min(image.size), max(image.size)
-    scale = 1.0
-    if shorter < cfg.story.min_seed_side:
-        scale = cfg.story.min_seed_side / shorter
-    elif longer > cfg.story.max_seed_side:
-        scale = cfg.story.max_seed_side / longer
-    if scale != 1.0:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        console.print(
-            f"[yellow]note:[/yellow] the seed image is {image.width}x{image.height}; resized to {size[0]}x{size[1]}"
-        )
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
-
-
-def _default_story_folder(caption: str) -> Path:
+def default_story_folder(caption: str) -> Path:
+    """``stories/<the caption's first words>``."""
     slug = "-".join(re.findall(r"[a-z0-9]+", caption.lower()))[:40].strip("-") or "story"
-    return Path("stories") / slug
+    return STORIES_DIR / slug
 
 
-@app.command("generate")
-@user_errors
-def generate_command(
-    image: Annotated[Path | None, typer.Option("--image", help="The seed frame's image.")] = None,
-    caption: Annotated[str | None, typer.Option("--caption", help="The seed frame's story caption.")] = None,
-    description: Annotated[
-        str | None,
-        typer.Option(
-            "--description", help="The seed frame's literal description (default: the captioner's)."
-        ),
-    ] = None,
-    frames: Annotated[
-        int | None, typer.Option("--frames", help="Frames in the story, the seed included (2..20).")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Story folder (default: stories/<caption>).")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="The story's seed; the same seed gives the same story.")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")] = False,
-    resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue an interrupted story folder.")
-    ] = None,
-    temperature: TemperatureOption = None,
-    guidance_scale: GuidanceOption = None,
-    image_guidance_scale: ImageGuidanceOption = None,
-    steps: StepsOption = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option("--image", type=click.Path(dir_okay=False, path_type=Path), help="The seed frame's image."),
+    option("--caption", help="The seed frame's story caption."),
+    option(
+        "--description",
+        show_default=False,
+        help="The seed frame's literal description. [default: the description captioner's]",
+    ),  # fmt: skip
+    option(
+        "--frames",
+        type=int,
+        show_default=False,
+        help="Frames in the story, the seed included (2..20). [default: the config's story.frames]",
+    ),
+    option(
+        "--seed",
+        type=int,
+        show_default=False,
+        help="The story's seed; the same seed gives the same story. [default: the config's story.seed]",
+    ),
+    option("--out", type=FOLDER, show_default=False, help="Story folder. [default: stories/<caption>]"),
+    option("--overwrite", is_flag=True, help="Replace a non-empty --out folder."),
+    option(
+        "--resume",
+        type=EXISTING_FOLDER,
+        help="Continue an interrupted story folder, with the folder's own config.yaml.",
+    ),  # fmt: skip
+    *SAMPLING_OPTIONS,
+)
+def generate(
+    run: Run,
+    image: Path | None,
+    caption: str | None,
+    description: str | None,
+    frames: int | None,
+    seed: int | None,
+    out: Path | None,
+    overwrite: bool,
+    resume: Path | None,
+) -> list[str]:
     """Write and draw a story from one seed frame: story captions, descriptions and images, frame by frame."""
-    from pipeline.config import MAX_FRAMES, MIN_FRAMES
-    from pipeline.orchestrator import StoryTeller
-
-    sampling = _sampling_overrides(temperature, guidance_scale, image_guidance_scale, steps)
-    started = time.perf_counter()
-
     if resume is not None:
-        # 1. Resume: the folder's own config; continue from its last complete frame.
-        cfg = _story_config(resume, set_, **sampling)
-        story = StoryTeller.complete_frames(resume)
-        teller = wiring.build_story_teller(cfg)
-        _report_models(teller)
-        story = _run_with_progress(teller, lambda t: t.continue_story(resume, story))
+        pipe = StoryPipeline(run.config(story_folder=resume))
+        run.note_zero_shot(pipe)
+        with run.progress() as progress:
+            story = pipe.resume(resume, events=run.story_events(progress))
         folder = resume
     else:
-        # 1. Check every input before loading a model or writing a file.
         if image is None or caption is None:
-            raise typer.BadParameter(
-                "give --image and --caption (or --resume DIR)", param_hint="--image/--caption"
-            )
-        if not caption.strip():
-            raise typer.BadParameter("the caption is empty", param_hint="--caption")
-        if description is not None and not description.strip():
-            raise typer.BadParameter("the description is empty", param_hint="--description")
-        if frames is not None and not MIN_FRAMES <= frames <= MAX_FRAMES:
-            raise typer.BadParameter(
-                f"must be in {MIN_FRAMES}..{MAX_FRAMES}, got {frames}", param_hint="--frames"
-            )
-        cfg = _config(config, preset, set_, **{"story.frames": frames, "story.seed": seed, **sampling})
-        folder = out or _default_story_folder(caption)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise StorypipeError(
-                f"{folder} is not empty; pass --overwrite to replace it, or --resume {folder} to continue it"
-            )
-        seed_image = _load_seed_image(image, cfg)
-
-        # 2. Load the models (a missing one is an error before anything is written).
-        teller = wiring.build_story_teller(cfg)
-        _report_models(teller)
-        for text in (caption, description):
-            if text is not None and teller.illustrator.exceeds_prompt_limit(text):
-                console.print(
-                    f"[yellow]warning:[/yellow] {text!r} is longer than the text encoder reads; it will be truncated"
-                )
-
-        # 3. Write the story.
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        save_resolved_config(cfg, folder)
-        story = _run_with_progress(teller, lambda t: t.tell(folder, seed_image, caption.strip(), description))
-
-    console.print(
-        f"Story of {len(story.frames)} frames in {folder} ({time.perf_counter() - started:.1f}s). "
-        f"Open {folder / 'storyboard.html'}"
-    )
+            raise InputError("give --image and --caption (or --resume DIR)")
+        folder = out or default_story_folder(caption)
+        pipe = StoryPipeline(run.config())
+        with run.progress() as progress:
+            story = pipe.tell(image, caption, description=description, frames=frames, seed=seed,
+                              events=run.story_events(progress), save_to=folder, overwrite=overwrite)  # fmt: skip
+        run.note_zero_shot(pipe)
+    return [f"Story of {len(story.frames)} frames in {folder}. Open {folder / 'storyboard.html'}"]
 
 
-def _open_story_for_change(
-    story: Path, caption: str, position: int, option: str, sets: list[str] | None
-) -> StorypipeConfig:
-    """Check an edit or insertion before any model loads: the caption, the folder, the frame position."""
-    from pipeline.story import Story
+@options(
+    option("--story", type=EXISTING_FOLDER, required=True, help="A story folder."),
+    option("--frame", type=int, required=True, help="Which frame to edit (0 is the seed frame)."),
+    option("--caption", required=True, help="The frame's new story caption."),
+    option("--strength", type=float, show_default=False,
+           help="img2img noise in (0, 1]; 1.0 redraws the frame fully. [default: the config's generator.edit_strength]"),
+    option("--propagate", is_flag=True, help="Regenerate the later frames from the edited one."),
+    *SAMPLING_OPTIONS,
+)  # fmt: skip
+def edit(
+    run: Run, story: Path, frame: int, caption: str, strength: float | None, propagate: bool
+) -> list[str]:
+    """Replace a frame's story caption and regenerate its description and image; history/ keeps the old ones.
 
-    if not caption.strip():
-        raise typer.BadParameter("the caption is empty", param_hint="--caption")
-    cfg = _story_config(story, sets)
-    count = len(Story.load(story).frames)
-    if not 0 <= position < count:
-        raise typer.BadParameter(f"the story has frames 0..{count - 1}", param_hint=option)
-    return cfg
-
-
-@app.command("edit")
-@user_errors
-def edit_command(
-    story: Annotated[Path, typer.Option("--story", help="A story folder.")],
-    frame: Annotated[int, typer.Option("--frame", help="Which frame to edit (0-based).")],
-    caption: Annotated[str, typer.Option("--caption", help="The frame's new story caption.")],
-    strength: Annotated[
-        float | None,
-        typer.Option(help="img2img noise, 0-1; 1.0 regenerates fully (default generator.edit_strength)."),
-    ] = None,
-    propagate: Annotated[
-        bool, typer.Option("--propagate", help="Regenerate the later frames from the edited one.")
-    ] = False,
-    set_: SetOption = None,
-) -> None:
-    """Replace a frame's story caption and regenerate its description and image; history/ keeps the old ones."""
-    cfg = _open_story_for_change(story, caption, frame, "--frame", set_)
-    chosen = cfg.generator.edit_strength if strength is None else strength
-    if not 0 < chosen <= 1:
-        raise typer.BadParameter(f"must be in (0, 1], got {chosen}", param_hint="--strength")
-    teller = wiring.build_story_teller(cfg)
-    result = _run_with_progress(teller, lambda t: t.edit(story, frame, caption.strip(), chosen, propagate))
-    console.print(
-        f"Edited frame {frame} of {story} ({len(result.frames)} frames). Open {story / 'storyboard.html'}"
-    )
+    The models are the story folder's own (its config.yaml) unless --preset or --config is given.
+    """
+    saved = Story.load(story)
+    pipe = StoryPipeline(run.config(story_folder=story))
+    with run.progress() as progress:
+        edited = pipe.edit(saved, frame, caption, strength=strength, propagate=propagate,
+                           events=run.story_events(progress))  # fmt: skip
+    edited.save(story)
+    return [
+        f"Edited frame {frame} of {story} ({len(edited.frames)} frames). Open {story / 'storyboard.html'}"
+    ]
 
 
-@app.command("insert")
-@user_errors
-def insert_command(
-    story: Annotated[Path, typer.Option("--story", help="A story folder.")],
-    after: Annotated[int, typer.Option("--after", help="Insert the new panel after this frame (0-based).")],
-    caption: Annotated[str, typer.Option("--caption", help="The new panel's story caption.")],
-    set_: SetOption = None,
-) -> None:
-    """Add a panel between two frames, conditioned on the frames before it, and renumber the rest."""
-    cfg = _open_story_for_change(story, caption, after, "--after", set_)
-    teller = wiring.build_story_teller(cfg)
-    result = _run_with_progress(teller, lambda t: t.insert(story, after, caption.strip()))
-    console.print(
-        f"Inserted frame {after + 1} into {story} ({len(result.frames)} frames). Open {story / 'storyboard.html'}"
-    )
+@options(
+    option("--story", type=EXISTING_FOLDER, required=True, help="A story folder."),
+    option(
+        "--after",
+        type=int,
+        required=True,
+        help="Insert the new panel after this frame (0 is the seed frame).",
+    ),
+    option("--caption", required=True, help="The new panel's story caption."),
+    *SAMPLING_OPTIONS,
+)
+def insert(run: Run, story: Path, after: int, caption: str) -> list[str]:
+    """Add a panel between two frames, conditioned on the frames before it, and renumber the rest.
+
+    The models are the story folder's own (its config.yaml) unless --preset or --config is given.
+    """
+    saved = Story.load(story)
+    pipe = StoryPipeline(run.config(story_folder=story))
+    with run.progress() as progress:
+        inserted = pipe.insert(saved, after, caption, events=run.story_events(progress))
+    inserted.save(story)
+    return [f"Inserted frame {after + 1} into {story} ({len(inserted.frames)} frames). "
+            f"Open {story / 'storyboard.html'}"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation and its models
 # --------------------------------------------------------------------------------------------
 
 
-@app.command("eval")
-@user_errors
-def eval_command(
-    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder with the ground truth.")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Results folder (results.json, results.md, plots, cache).")
-    ] = Path("runs/eval"),
-    split: Annotated[str | None, typer.Option(help="Which split (config eval.split).")] = None,
-    max_stories: Annotated[
-        int | None, typer.Option("--max-stories", help="Evaluate the first N stories.")
-    ] = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option("--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder with the ground truth."),
+    option(
+        "--out",
+        type=FOLDER,
+        default=Path("runs/eval"),
+        help="Results folder (results.json, results.md, plots, cache).",
+    ),  # fmt: skip
+    ConfigOption("--split", "eval.split", help="Which split."),
+    ConfigOption(
+        "--max-stories", "eval.max_stories", type=click.IntRange(min=1), help="Evaluate the first N stories."
+    ),
+)
+def evaluate(run: Run, data: Path, out: Path) -> list[str]:
     """Reproduce the source papers' metric tables (text, images, intrinsic) with their baselines."""
-    cfg = _config(config, preset, set_, **{"eval.split": split, "eval.max_stories": max_stories})
-    started = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("stories", total=None)
-        results = wiring.run_eval(
-            cfg, data, out, progress=lambda done, total: progress.update(task, completed=done, total=total)
-        )
-    if results is not None:  # the main process
-        console.print(
-            f"Evaluated {results['stories']} stories in {time.perf_counter() - started:.1f}s: {out / 'results.md'}"
-        )
+    results = tasks.evaluate(run.config(), data, out, run.progress())
+    if results is None:  # not the main process of an `accelerate launch` run
+        return []
+    return [f"Evaluated {results['stories']} stories: {out / 'results.md'}"]
 
 
-@app.command("train-classifier")
-@user_errors
-def train_classifier_command(
-    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder whose frames carry labels.")],
-    out: Annotated[Path, typer.Option("--out", help="Classifier folder.")] = Path("runs/classifier"),
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option(
+        "--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder whose frames carry labels."
+    ),
+    option("--out", type=FOLDER, default=Path("runs/classifier"), help="Classifier folder."),
+)
+def train_classifier(run: Run, data: Path, out: Path) -> list[str]:
     """Train the character/background classifier used for accuracy and F1 (Make-A-Story's metrics)."""
-    cfg = _config(config, preset, set_)
-    started = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("train-classifier", total=None)
-        scores = wiring.train_classifier(
-            cfg, data, out, progress=lambda step, total: progress.update(task, completed=step, total=total)
-        )
+    scores = tasks.train_classifier(run.config(), data, out, run.progress())
     shown = ", ".join(f"{key} {value:.3f}" for key, value in scores.items() if isinstance(value, float))
-    console.print(f"Classifier written to {out} in {time.perf_counter() - started:.1f}s; validation: {shown}")
-    console.print(f"Use it with: --set eval.classifier_model={out}")
+    return [
+        f"Classifier written to {out}; validation: {shown}",
+        f"Use it with: --set eval.classifier_model={out}",
+    ]
 
 
-@app.command("train-clip")
-@user_errors
-def train_clip_command(
-    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder: frames with descriptions.")],
-    out: Annotated[Path, typer.Option("--out", help="CLIP model folder.")] = Path("runs/clip"),
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option(
+        "--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder: frames with descriptions."
+    ),
+    option("--out", type=FOLDER, default=Path("runs/clip"), help="CLIP model folder."),
+)
+def train_clip(run: Run, data: Path, out: Path) -> list[str]:
     """Train the tiny CLIP contrastively on (frame, description) pairs, for the CLIP metrics of toy runs."""
-    cfg = _config(config, preset, set_)
-    started = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("train-clip", total=None)
-        metrics = wiring.train_clip(
-            cfg, data, out, progress=lambda step, total: progress.update(task, completed=step, total=total)
-        )
-    console.print(
-        f"CLIP written to {out} in {time.perf_counter() - started:.1f}s; validation text->image top-1 "
-        f"{metrics['val_text_to_image_top1']:.3f}, image->text {metrics['val_image_to_text_top1']:.3f} "
+    metrics = tasks.train_clip(run.config(), data, out, run.progress())
+    return [
+        f"CLIP written to {out}; validation text->image top-1 {metrics['val_text_to_image_top1']:.3f}, "
+        f"image->text {metrics['val_image_to_text_top1']:.3f} "
         f"(chance {metrics['val_chance']:.3f}, {metrics['val_pool']} candidates)",
-        highlight=False,
-    )
-    console.print(f"Use it with: --set eval.clip_model={out}")
+        f"Use it with: --set eval.clip_model={out}",
+    ]
 
 
-@app.command("train-text-baseline")
-@user_errors
-def train_text_baseline_command(
-    data: Annotated[Path, typer.Option("--data", help="A VIST-layout folder: stories of captions.")],
-    out: Annotated[Path, typer.Option("--out", help="Language model folder.")] = Path("runs/text-baseline"),
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    set_: SetOption = None,
-) -> None:
+@options(
+    option("--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder: stories of captions."),
+    option("--out", type=FOLDER, default=Path("runs/text-baseline"), help="Language model folder."),
+)
+def train_text_baseline(run: Run, data: Path, out: Path) -> list[str]:
     """Train the tiny text-only LM baseline on story captions (the toy analogue of the paper's MPT row)."""
-    cfg = _config(config, preset, set_)
-    started = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("train-text-baseline", total=None)
-        metrics = wiring.train_text_baseline(
-            cfg, data, out, progress=lambda step, total: progress.update(task, completed=step, total=total)
-        )
-    val_loss = metrics["val_loss"]
-    console.print(
-        f"Language model written to {out} in {time.perf_counter() - started:.1f}s; loss "
-        f"{metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}"
-        + (f", validation {val_loss:.3f}" if val_loss is not None else ""),
-        highlight=False,
-    )
+    metrics = tasks.train_text_baseline(run.config(), data, out, run.progress())
+    validation = f", validation {metrics['val_loss']:.3f}" if metrics["val_loss"] is not None else ""
     sample = metrics["sample"]
-    console.print(
-        f"Sample: {' / '.join(sample['previous'])} -> {sample['next']}", highlight=False, markup=False
-    )
-    console.print(f"Use it with: --set eval.text_baseline_model={out}")
+    return [
+        f"Language model written to {out}; loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}"
+        + validation,
+        f"Sample: {' / '.join(sample['previous'])} -> {sample['next']}",
+        f"Use it with: --set eval.text_baseline_model={out}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The table: every command and the function it runs
+# --------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
+    "show-config": show_config,
+    "toy-data": toy_data,
+    "prepare-llava": prepare_llava,
+    "convert-storysv": convert_storysv,
+    "finetune-llava": finetune_llava,
+    "pretrain-llava": pretrain_llava,
+    "caption": caption,
+    "pretrain-diffusion": pretrain_diffusion,
+    "finetune-storygen": finetune_storygen,
+    "generate": generate,
+    "edit": edit,
+    "insert": insert,
+    "eval": evaluate,
+    "train-classifier": train_classifier,
+    "train-clip": train_clip,
+    "train-text-baseline": train_text_baseline,
+}
+for _name, _function in COMMANDS.items():
+    app.add_command(build_command(_name, _function))
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from pipeline.data.vist import load_vist_split
 from storypipe.cli import app

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from pipeline.story import Story
 from storypipe.cli import app
@@ -46,7 +46,7 @@ def test_generate_edit_insert_and_resume(tmp_path, models, seed_image):
     assert story.metadata["seed"] == 4 and set(story.metadata["timings_s"]) == {"0", "1", "2"}
     html = (out / "storyboard.html").read_text()
     for frame in story.frames:
-        assert f'href="{frame.image}"' in html  # a link to the full frame, and the frame embedded
+        assert f'href="frames/frame_0{frame.index}.png"' in html  # a link to the full frame, and the frame embedded
     assert html.count('src="data:image/jpeg;base64,') == len(story.frames)
     assert "num_inference_steps: 3" in (out / "config.yaml").read_text()
 
@@ -65,7 +65,7 @@ def test_generate_edit_insert_and_resume(tmp_path, models, seed_image):
     assert result.exit_code == 0, result.output
     inserted = Story.load(out)
     assert [f.story_caption for f in inserted.frames][1:3] == ["A clown appeared.", "Then it rained."]
-    assert [f.image for f in inserted.frames] == [f"frames/frame_0{i}.png" for i in range(4)]
+    assert sorted(p.name for p in (out / "frames").iterdir()) == [f"frame_0{i}.png" for i in range(4)]
 
     # A crash that lost the last frame: resume regenerates it from the folder's own config.
     data = json.loads((out / "story.json").read_text())
@@ -83,7 +83,7 @@ def test_generate_refuses_a_non_empty_folder_without_overwrite(tmp_path, models,
     result = runner.invoke(
         app, ["generate", "--image", str(seed_image), "--caption", "x", "--out", str(out), *models]
     )
-    assert result.exit_code == 2 and "is not empty; pass --overwrite" in result.output
+    assert result.exit_code == 2 and "is not empty: overwrite it (--overwrite)" in result.output
     assert tree(out) == ["keep.txt"]
 
 

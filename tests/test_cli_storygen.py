@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from pipeline.data.vist import load_vist_split
 from storygen_ft.model import StoryDiffusion
@@ -49,4 +49,4 @@ def test_convert_storysv_rejects_an_unknown_dataset(tmp_path):
     result = runner.invoke(
         app, ["convert-storysv", "--dataset", "mugen", "--src", str(tmp_path), "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code == 2 and "flintstones or pororo" in result.output
+    assert result.exit_code == 2 and "'mugen' is not one of 'flintstones', 'pororo'" in result.output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from pipeline.config import config_to_dict, load_config, resolve_model_path, save_resolved_config
 from pipeline.errors import ConfigError

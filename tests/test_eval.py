@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from eval.referential_metrics import is_pronoun_caption
 from eval.report import IMAGE_ROWS, TEXT_ROWS

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModel
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from eval.baselines import TextOnlyBaseline
 from eval.config import EvalConfig

@@ -1,5 +1,5 @@
 """The story loop with fake captioners and a fake generator: what each stage receives, determinism,
-the repetition guard, resume after a crash, editing and insertion."""
+the repetition guard, continuing a story cut short, editing and insertion, and the story folder."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StoryConfig
-from pipeline.errors import StorypipeError
-from pipeline.orchestrator import StoryTeller, frame_seed, similarity
+from pipeline.errors import InputError
+from pipeline.orchestrator import StoryTeller, similarity
+from pipeline.seeds import derive_seed
 from pipeline.story import Story
+from pipeline.story_folder import append_frame, load_story
 
 
 def colour_of(text: str) -> tuple[int, int, int]:
@@ -31,11 +33,7 @@ class FakeCaptioner:
 
     def next_story_caption(self, image, caption, seed=None):
         self.story_calls.append((image.getpixel((0, 0)), caption, seed))
-        return (
-            self.scripted.pop(0)
-            if self.scripted
-            else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
-        )
+        return self.scripted.pop(0) if self.scripted else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
 
     def describe(self, image, current_caption, next_caption, seed=None):
         self.describe_calls.append((image.getpixel((0, 0)), current_caption, next_caption))
@@ -51,20 +49,14 @@ class FakeResult:
 class FakeIllustrator:
     """Each image is one flat colour derived from its description and seed, so frames are traceable."""
 
+    max_references = 3
+
     def __init__(self, fail_at_call: int | None = None) -> None:
         self.calls: list[dict] = []
         self.fail_at_call = fail_at_call
 
-    def generate(
-        self,
-        description,
-        context_images=(),
-        context_descriptions=(),
-        seed=0,
-        init_image=None,
-        strength=None,
-        on_step=None,
-    ):
+    def generate(self, description, context_images=(), context_descriptions=(), seed=0, init_image=None,
+                 strength=None, on_step=None):  # fmt: skip
         if self.fail_at_call is not None and len(self.calls) == self.fail_at_call:
             raise RuntimeError("simulated crash")
         self.calls.append({
@@ -80,24 +72,26 @@ class FakeIllustrator:
 SEED_IMAGE = Image.new("RGB", (16, 16), (9, 9, 9))
 
 
-def tell(folder, frames=6, captioner=None, illustrator=None, seed=0, **story):
-    teller = StoryTeller(
-        captioner or FakeCaptioner(),
-        illustrator or FakeIllustrator(),
-        StoryConfig(frames=frames, seed=seed, **story),
-        context_frames=3,
+def teller(captioner=None, illustrator=None, frames=6, **story) -> StoryTeller:
+    return StoryTeller(
+        captioner or FakeCaptioner(), illustrator or FakeIllustrator(), StoryConfig(frames=frames, **story), 3
     )
-    return teller.tell(folder, SEED_IMAGE, "We went to the fair.")
 
 
-def pixels(folder, story):
-    return [Image.open(folder / frame.image).getpixel((0, 0)) for frame in story.frames]
+def tell(frames=6, captioner=None, illustrator=None, seed=0, on_frame=None, **story) -> Story:
+    return teller(captioner, illustrator, frames, **story).tell(
+        SEED_IMAGE, "We went to the fair.", seed=seed, on_frame=on_frame
+    )
 
 
-def test_each_frame_gets_the_previous_three_frames_in_order_with_their_descriptions(tmp_path):
+def pixels(story: Story) -> list[tuple]:
+    return [frame.image.getpixel((0, 0)) for frame in story.frames]
+
+
+def test_each_frame_gets_the_previous_three_frames_in_order_with_their_descriptions():
     illustrator = FakeIllustrator()
-    story = tell(tmp_path, frames=6, illustrator=illustrator)
-    colours = pixels(tmp_path, story)
+    story = tell(frames=6, illustrator=illustrator)
+    colours = pixels(story)
     assert len(illustrator.calls) == 5
     for k, call in enumerate(illustrator.calls, start=1):
         window = range(max(0, k - 3), k)
@@ -106,10 +100,10 @@ def test_each_frame_gets_the_previous_three_frames_in_order_with_their_descripti
         assert call["description"] == story.frames[k].description
 
 
-def test_captioners_see_the_previous_frame_and_captions(tmp_path):
+def test_captioners_see_the_previous_frame_and_captions():
     captioner = FakeCaptioner()
-    story = tell(tmp_path, frames=4, captioner=captioner)
-    colours = pixels(tmp_path, story)
+    story = tell(frames=4, captioner=captioner)
+    colours = pixels(story)
     # The seed description comes from the description captioner, given the seed image and caption.
     assert captioner.describe_calls[0] == (colours[0], "We went to the fair.", "We went to the fair.")
     for k in range(1, 4):
@@ -122,115 +116,150 @@ def test_captioners_see_the_previous_frame_and_captions(tmp_path):
     assert [f.source for f in story.frames] == ["seed", "generated", "generated", "generated"]
 
 
-def test_same_seed_same_story_and_another_seed_another(tmp_path):
-    first, second, other = (tell(tmp_path / name, seed=seed) for name, seed in (("a", 1), ("b", 1), ("c", 2)))
-    assert first.to_json()["frames"] == second.to_json()["frames"]
-    assert pixels(tmp_path / "a", first) == pixels(tmp_path / "b", second)
+def test_on_frame_streams_each_frame_as_it_is_finished():
+    seen = []
+    story = tell(frames=4, on_frame=lambda frame: seen.append((frame.index, frame.story_caption, frame.image)))
+    assert [index for index, _, _ in seen] == [0, 1, 2, 3]
+    assert [(caption, image) for _, caption, image in seen] == [(f.story_caption, f.image) for f in story.frames]
+
+
+def test_same_seed_same_story_and_another_seed_another():
+    first, second, other = tell(seed=1), tell(seed=1), tell(seed=2)
+    assert first.to_json()["frames"] == second.to_json()["frames"] and pixels(first) == pixels(second)
     assert [f.story_caption for f in first.frames] != [f.story_caption for f in other.frames]
 
 
-def test_the_repetition_guard_resamples_near_repeats(tmp_path):
+def test_the_repetition_guard_resamples_near_repeats():
     captioner = FakeCaptioner(scripted=["The crowd was getting excited.", "The crowd was getting more excited.",
                                         "The crowd was getting excited!", "They all went home."])  # fmt: skip
-    story = tell(tmp_path, frames=3, captioner=captioner, repetition_retries=3, repetition_threshold=0.7)
+    story = tell(frames=3, captioner=captioner, repetition_retries=3, repetition_threshold=0.7)
     assert story.frames[1].story_caption == "The crowd was getting excited."
     assert story.frames[2].story_caption == "They all went home."
     assert story.metadata["repetition_resamples"] == {"1": 0, "2": 2}
     seeds = [seed for _, _, seed in captioner.story_calls]
-    assert seeds[1:] == [frame_seed(0, 2, attempt) for attempt in range(3)]  # a new seed per resample
+    assert seeds[1:] == [derive_seed(0, "caption", 2, attempt) for attempt in range(3)]  # a new seed per resample
 
 
 def test_similarity_rules():
-    assert (
-        similarity("The crowd was getting excited", "the crowd was getting more excited", "token_overlap")
-        > 0.8
-    )
+    assert similarity("The crowd was getting excited", "the crowd was getting more excited", "token_overlap") > 0.8
     assert similarity("The crowd was excited", "We went home", "token_overlap") == 0
     assert similarity("abcd", "abce", "char_ratio") == pytest.approx(0.75)
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_story(tmp_path):
-    straight = tell(tmp_path / "straight", frames=6)
+def test_a_story_cut_short_continues_into_the_uninterrupted_story(tmp_path):
+    straight = tell(frames=6)
+    # Tell into a folder frame by frame, as the app layer does, until frame 4 crashes.
+    crashed = teller(illustrator=FakeIllustrator(fail_at_call=3), frames=6)
+    story = crashed.begin(SEED_IMAGE, "We went to the fair.")
+    story.save(tmp_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        tell(tmp_path / "crashed", frames=6, illustrator=FakeIllustrator(fail_at_call=3))
-    saved = Story.load(tmp_path / "crashed")
+        crashed.continue_story(story, on_frame=lambda frame: append_frame(tmp_path, story))
+    saved = load_story(tmp_path, complete_only=True)
     assert len(saved.frames) == 4  # frames 0..3 were complete when frame 4 crashed
-    teller = StoryTeller(FakeCaptioner(), FakeIllustrator(), StoryConfig(frames=6), context_frames=3)
-    resumed = teller.continue_story(tmp_path / "crashed", StoryTeller.complete_frames(tmp_path / "crashed"))
-    assert resumed.to_json()["frames"] == straight.to_json()["frames"]
-    assert pixels(tmp_path / "crashed", resumed) == pixels(tmp_path / "straight", straight)
+
+    resumed = teller(frames=6).continue_story(saved)
+    assert resumed.to_json()["frames"] == straight.to_json()["frames"] and pixels(resumed) == pixels(straight)
 
 
-def test_resume_drops_a_frame_whose_image_is_missing(tmp_path):
-    tell(tmp_path, frames=4)
+def test_continuing_stops_before_a_frame_whose_image_is_missing(tmp_path):
+    tell(frames=4).save(tmp_path)
     (tmp_path / "frames" / "frame_03.png").unlink()
-    assert len(StoryTeller.complete_frames(tmp_path).frames) == 3
+    assert len(load_story(tmp_path, complete_only=True).frames) == 3
+    with pytest.raises(Exception, match="frame 3.*is missing"):
+        load_story(tmp_path)
 
 
-def test_edit_keeps_history_and_regenerates_from_the_current_frame(tmp_path):
-    story = tell(tmp_path, frames=5)
-    before = pixels(tmp_path, story)
+def test_edit_regenerates_one_frame_and_leaves_the_story_given_unchanged():
+    story = tell(frames=5)
+    before = pixels(story)
     illustrator = FakeIllustrator()
-    teller = StoryTeller(FakeCaptioner(), illustrator, StoryConfig(frames=5), context_frames=3)
-    edited = teller.edit(tmp_path, 2, "She rode the carousel.", strength=0.5, propagate=False)
+    edited = teller(illustrator=illustrator, frames=5).edit(story, 2, "She rode the carousel.", strength=0.5)
 
     assert edited.frames[2].story_caption == "She rode the carousel." and edited.frames[2].source == "edited"
     assert edited.frames[2].description == "A picture of: She rode the carousel."
     assert illustrator.calls[0]["init"] == before[2] and illustrator.calls[0]["strength"] == 0.5
     assert illustrator.calls[0]["context"] == before[:2]
-    after = pixels(tmp_path, edited)
+    after = pixels(edited)
     assert after[:2] == before[:2] and after[3:] == before[3:] and after[2] != before[2]
+    assert pixels(story) == before and story.frames[2].source == "generated"  # the original is untouched
+    assert edited.metadata["changes"] == [
+        {"change": "edit", "frame": 2, "caption": "She rode the carousel.", "strength": 0.5, "propagate": False}
+    ]
+
+
+def test_saving_an_edit_over_its_folder_keeps_the_replaced_frame_in_history(tmp_path):
+    story = tell(frames=5)
+    story.save(tmp_path)
+    edited = teller(frames=5).edit(story, 2, "She rode the carousel.", strength=0.5)
+    edited.save(tmp_path)
+
     history = sorted((tmp_path / "history").iterdir())
     assert [h.name for h in history] == ["001-edit-frame-02"]
-    assert Image.open(history[0] / "frames" / "frame_02.png").getpixel((0, 0)) == before[2]
-    assert (
-        json.loads((history[0] / "story.json").read_text())["frames"][2]["story_caption"]
-        == story.frames[2].story_caption
-    )
+    assert sorted(p.name for p in (history[0] / "frames").iterdir()) == ["frame_02.png"]
+    assert Image.open(history[0] / "frames" / "frame_02.png").getpixel((0, 0)) == pixels(story)[2]
+    old = json.loads((history[0] / "story.json").read_text())
+    assert old["frames"][2]["story_caption"] == story.frames[2].story_caption
+    assert Story.load(tmp_path) == edited
+    edited.save(tmp_path)  # saving the same story again records nothing new
+    assert len(list((tmp_path / "history").iterdir())) == 1
 
 
 def test_edit_with_propagate_regenerates_the_later_frames(tmp_path):
-    story = tell(tmp_path, frames=5)
-    teller = StoryTeller(FakeCaptioner(), FakeIllustrator(), StoryConfig(frames=5), context_frames=3)
-    edited = teller.edit(tmp_path, 1, "It started to rain.", strength=1.0, propagate=True)
+    story = tell(frames=5)
+    story.save(tmp_path)
+    edited = teller(frames=5).edit(story, 1, "It started to rain.", strength=1.0, propagate=True)
     assert len(edited.frames) == 5
     assert [f.source for f in edited.frames] == ["seed", "edited", "generated", "generated", "generated"]
     assert edited.frames[2].story_caption != story.frames[2].story_caption  # follows the edited caption
+    edited.save(tmp_path)
     history = next((tmp_path / "history").iterdir())
     assert sorted(p.name for p in (history / "frames").iterdir()) == [f"frame_0{i}.png" for i in range(1, 5)]
 
 
-def test_insert_renumbers_and_keeps_history(tmp_path):
-    story = tell(tmp_path, frames=4)
-    before = pixels(tmp_path, story)
+def test_insert_renumbers_and_its_folder_keeps_history(tmp_path):
+    story = tell(frames=4)
+    story.save(tmp_path)
+    before = pixels(story)
     illustrator = FakeIllustrator()
-    teller = StoryTeller(FakeCaptioner(), illustrator, StoryConfig(frames=4), context_frames=3)
-    inserted = teller.insert(tmp_path, 1, "Suddenly a clown appeared.")
+    inserted = teller(illustrator=illustrator, frames=4).insert(story, 1, "Suddenly a clown appeared.")
 
-    assert [f.index for f in inserted.frames] == [0, 1, 2, 3, 4]
-    assert [f.image for f in inserted.frames] == [f"frames/frame_0{i}.png" for i in range(5)]
-    assert (
-        inserted.frames[2].story_caption == "Suddenly a clown appeared."
-        and inserted.frames[2].source == "inserted"
-    )
-    after = pixels(tmp_path, inserted)
+    assert [f.index for f in inserted.frames] == [0, 1, 2, 3, 4] and len(story.frames) == 4
+    assert inserted.frames[2].story_caption == "Suddenly a clown appeared." and inserted.frames[2].source == "inserted"
+    after = pixels(inserted)
     assert after[:2] == before[:2] and after[3:] == before[2:]  # later frames moved up one place
     assert illustrator.calls[0]["context"] == before[:2]  # conditioned on frames <= 1
+
+    inserted.save(tmp_path)
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_0{i}.png" for i in range(5)]
     assert Story.load(tmp_path) == inserted
-    assert (tmp_path / "history" / "001-insert-after-01" / "story.json").is_file()
+    snapshot = tmp_path / "history" / "001-insert-after-01"
+    assert (snapshot / "story.json").is_file() and not list((snapshot / "frames").iterdir())  # no frame was lost
     html = (tmp_path / "storyboard.html").read_text()
-    assert (
-        all(f'href="frames/frame_0{i}.png"' in html for i in range(5))
-        and "Suddenly a clown appeared." in html
-    )
+    assert all(f'href="frames/frame_0{i}.png"' in html for i in range(5)) and "Suddenly a clown appeared." in html
 
 
-def test_edit_and_insert_reject_bad_positions_and_empty_captions(tmp_path):
-    tell(tmp_path, frames=3)
-    teller = StoryTeller(FakeCaptioner(), FakeIllustrator(), StoryConfig(frames=3), context_frames=3)
-    with pytest.raises(StorypipeError, match="--frame 5 is out of range"):
-        teller.edit(tmp_path, 5, "x", strength=0.5, propagate=False)
-    with pytest.raises(StorypipeError, match="caption is empty"):
-        teller.insert(tmp_path, 0, "  ")
-    assert not (tmp_path / "history").exists()  # nothing was changed
+def test_edit_and_insert_reject_bad_positions_and_empty_captions():
+    story = tell(frames=3)
+    fake = teller(frames=3)
+    with pytest.raises(InputError, match="frame 5 is out of range: the story has frames 0..2"):
+        fake.edit(story, 5, "x", strength=0.5)
+    with pytest.raises(InputError, match="strength must be in"):
+        fake.edit(story, 1, "x", strength=1.5)
+    with pytest.raises(InputError, match="caption is empty"):
+        fake.insert(story, 0, "  ")
+    with pytest.raises(InputError, match="after -1 is out of range"):
+        fake.insert(story, -1, "x")
+    assert fake.illustrator.calls == []  # nothing ran
+
+
+def test_frames_are_numbered_from_zero_everywhere(tmp_path):
+    """One numbering: the seed is frame 0 in story.json, the file names, both storyboards and `frame=`."""
+    story = tell(frames=3)
+    story.save(tmp_path)
+    data = json.loads((tmp_path / "story.json").read_text())
+    assert [f["index"] for f in data["frames"]] == [0, 1, 2]
+    assert [f["image"] for f in data["frames"]] == [f"frames/frame_0{i}.png" for i in range(3)]
+    html = (tmp_path / "storyboard.html").read_text()
+    assert [html.count(f'<span class="index">{i}</span>') for i in range(4)] == [1, 1, 1, 0]
+    edited = teller(frames=3).edit(story, 1, "Then it rained.", strength=0.5)
+    assert edited.frames[1].story_caption == "Then it rained." and edited.frames[1].index == 1

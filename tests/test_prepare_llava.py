@@ -6,7 +6,7 @@ import json
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from llava_ft.prepare import prepare_llava
 from pipeline.config import DataConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from eval.classifier import FrameClassifier
 from llava_ft.config import CaptionerTrainConfig, TinyLlavaSettings
