@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 
 from pipeline.story import Story
 from storypipe.cli import app
@@ -46,7 +46,9 @@ def test_generate_edit_insert_and_resume(tmp_path, models, seed_image):
     assert story.metadata["seed"] == 4 and set(story.metadata["timings_s"]) == {"0", "1", "2"}
     html = (out / "storyboard.html").read_text()
     for frame in story.frames:
-        assert f'href="frames/frame_0{frame.index}.png"' in html  # a link to the full frame, and the frame embedded
+        assert (
+            f'href="frames/frame_0{frame.index}.png"' in html
+        )  # a link to the full frame, and the frame embedded
     assert html.count('src="data:image/jpeg;base64,') == len(story.frames)
     assert "num_inference_steps: 3" in (out / "config.yaml").read_text()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModel
-from click.testing import CliRunner
 
 from eval.baselines import TextOnlyBaseline
 from eval.config import EvalConfig

@@ -33,7 +33,11 @@ class FakeCaptioner:
 
     def next_story_caption(self, image, caption, seed=None):
         self.story_calls.append((image.getpixel((0, 0)), caption, seed))
-        return self.scripted.pop(0) if self.scripted else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
+        return (
+            self.scripted.pop(0)
+            if self.scripted
+            else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
+        )
 
     def describe(self, image, current_caption, next_caption, seed=None):
         self.describe_calls.append((image.getpixel((0, 0)), current_caption, next_caption))
@@ -118,9 +122,13 @@ def test_captioners_see_the_previous_frame_and_captions():
 
 def test_on_frame_streams_each_frame_as_it_is_finished():
     seen = []
-    story = tell(frames=4, on_frame=lambda frame: seen.append((frame.index, frame.story_caption, frame.image)))
+    story = tell(
+        frames=4, on_frame=lambda frame: seen.append((frame.index, frame.story_caption, frame.image))
+    )
     assert [index for index, _, _ in seen] == [0, 1, 2, 3]
-    assert [(caption, image) for _, caption, image in seen] == [(f.story_caption, f.image) for f in story.frames]
+    assert [(caption, image) for _, caption, image in seen] == [
+        (f.story_caption, f.image) for f in story.frames
+    ]
 
 
 def test_same_seed_same_story_and_another_seed_another():
@@ -137,11 +145,16 @@ def test_the_repetition_guard_resamples_near_repeats():
     assert story.frames[2].story_caption == "They all went home."
     assert story.metadata["repetition_resamples"] == {"1": 0, "2": 2}
     seeds = [seed for _, _, seed in captioner.story_calls]
-    assert seeds[1:] == [derive_seed(0, "caption", 2, attempt) for attempt in range(3)]  # a new seed per resample
+    assert seeds[1:] == [
+        derive_seed(0, "caption", 2, attempt) for attempt in range(3)
+    ]  # a new seed per resample
 
 
 def test_similarity_rules():
-    assert similarity("The crowd was getting excited", "the crowd was getting more excited", "token_overlap") > 0.8
+    assert (
+        similarity("The crowd was getting excited", "the crowd was getting more excited", "token_overlap")
+        > 0.8
+    )
     assert similarity("The crowd was excited", "We went home", "token_overlap") == 0
     assert similarity("abcd", "abce", "char_ratio") == pytest.approx(0.75)
 
@@ -183,7 +196,13 @@ def test_edit_regenerates_one_frame_and_leaves_the_story_given_unchanged():
     assert after[:2] == before[:2] and after[3:] == before[3:] and after[2] != before[2]
     assert pixels(story) == before and story.frames[2].source == "generated"  # the original is untouched
     assert edited.metadata["changes"] == [
-        {"change": "edit", "frame": 2, "caption": "She rode the carousel.", "strength": 0.5, "propagate": False}
+        {
+            "change": "edit",
+            "frame": 2,
+            "caption": "She rode the carousel.",
+            "strength": 0.5,
+            "propagate": False,
+        }
     ]
 
 
@@ -224,7 +243,10 @@ def test_insert_renumbers_and_its_folder_keeps_history(tmp_path):
     inserted = teller(illustrator=illustrator, frames=4).insert(story, 1, "Suddenly a clown appeared.")
 
     assert [f.index for f in inserted.frames] == [0, 1, 2, 3, 4] and len(story.frames) == 4
-    assert inserted.frames[2].story_caption == "Suddenly a clown appeared." and inserted.frames[2].source == "inserted"
+    assert (
+        inserted.frames[2].story_caption == "Suddenly a clown appeared."
+        and inserted.frames[2].source == "inserted"
+    )
     after = pixels(inserted)
     assert after[:2] == before[:2] and after[3:] == before[2:]  # later frames moved up one place
     assert illustrator.calls[0]["context"] == before[:2]  # conditioned on frames <= 1
@@ -233,9 +255,14 @@ def test_insert_renumbers_and_its_folder_keeps_history(tmp_path):
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_0{i}.png" for i in range(5)]
     assert Story.load(tmp_path) == inserted
     snapshot = tmp_path / "history" / "001-insert-after-01"
-    assert (snapshot / "story.json").is_file() and not list((snapshot / "frames").iterdir())  # no frame was lost
+    assert (snapshot / "story.json").is_file() and not list(
+        (snapshot / "frames").iterdir()
+    )  # no frame was lost
     html = (tmp_path / "storyboard.html").read_text()
-    assert all(f'href="frames/frame_0{i}.png"' in html for i in range(5)) and "Suddenly a clown appeared." in html
+    assert (
+        all(f'href="frames/frame_0{i}.png"' in html for i in range(5))
+        and "Suddenly a clown appeared." in html
+    )
 
 
 def test_edit_and_insert_reject_bad_positions_and_empty_captions():

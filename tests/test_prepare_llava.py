@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 
 from llava_ft.prepare import prepare_llava
 from pipeline.config import DataConfig

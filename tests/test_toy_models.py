@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 
 from eval.classifier import FrameClassifier
 from llava_ft.config import CaptionerTrainConfig, TinyLlavaSettings
