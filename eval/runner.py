@@ -30,6 +30,7 @@ from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.orchestrator import FrameIllustrator
+from pipeline.seeds import derive_seed
 
 CACHE_DIR = "cache"
 IMAGES_DIR = "images"
@@ -122,8 +123,9 @@ def generate_story_outputs(
 ) -> dict:
     """Add to ``record`` (a new one when None) the outputs of :func:`rows_to_generate`'s rows for one story.
 
-    Frames are saved under ``out`` and their paths recorded. Frame k of every frame generator's row is drawn
-    from the same seed, so those rows differ only in what they are conditioned on.
+    Frames are saved under ``out`` and their paths recorded. Seeds come from ``derive_seed(cfg.seed, ...)``
+    and the story id, so each story draws its own noise; frame k of every frame generator's row has the same
+    seed, so those rows differ only in what they are conditioned on.
     """
     record = record if record is not None else new_record(story.story_id)
     rows = rows_to_generate(record, models, cfg)
@@ -138,6 +140,8 @@ def generate_story_outputs(
 
     told = None
     if any(row.autoregressive for row in rows):  # the whole pipeline, from the seed frame
+        # The story seed stays cfg.seed: the story loop derives its frame seeds by arithmetic on it
+        # (pipeline.orchestrator.frame_seed), which a 63-bit derive_seed value would overflow.
         told = models.tell_story(out / STORIES_DIR / story.story_id, images[0], captions[0], n, cfg.seed)
         record["ar_descriptions"] = told.descriptions[1:]
 
@@ -145,13 +149,14 @@ def generate_story_outputs(
         if isinstance(row, TextRow) and row.autoregressive:
             record["text"][row.key] = told.captions[1:]
         elif isinstance(row, TextRow):
-            record["text"][row.key] = predict_next_texts(row, models, images, captions, cfg.seed)
+            seed = derive_seed(cfg.seed, row.key, story.story_id)
+            record["text"][row.key] = predict_next_texts(row, models, images, captions, seed)
         elif row.ground_truth:  # absolute paths: --data may be relative
             record["images"][row.key] = [str(Path(frame.image_path).resolve()) for frame in story.frames[1:]]
         elif row.autoregressive:
             record["images"][row.key] = [save(row, k, told.images[k]) for k in range(1, n)]
         else:
-            seeds = [cfg.seed + k for k in range(n)]
+            seeds = [derive_seed(cfg.seed, "frame", story.story_id, k) for k in range(n)]
             drawn = draw_frames(row, getattr(models, row.model), images, prompts[row.prompts], seeds)
             record["images"][row.key] = [save(row, k, image) for k, image in enumerate(drawn, start=1)]
     return record
