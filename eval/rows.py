@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
 # The systems under test: the fields of eval.runner.EvalModels.
-Model = Literal["captioners", "illustrator", "memory_illustrator", "tell_story", "caption_baseline", "text_baseline"]  # fmt: skip
+Model = Literal[
+    "captioners", "illustrator", "memory_illustrator", "tell_story", "caption_baseline", "text_baseline"
+]
 # The ground truth a text prediction for frame k is scored against: frame k's story caption from the SIS
 # annotations, or its literal description from the DII annotations.
 Reference = Literal["sis", "dii"]
@@ -50,10 +52,10 @@ class ImageRow:
     """A row of the image table: one frame for each of frames 1..n-1 of every story (frame 0, the seed, is
     always the GT frame).
 
-    The ground-truth row (no model) is the GT frames themselves; it is also the reference every other
-    row's FID and KID are measured against. A frame generator's row draws frame k from ``prompts[k]``,
-    with GT frames before k (and their prompts) as references or none. The autoregressive row's frames are
-    those of the story the whole pipeline told from the seed frame.
+    The ground-truth row (no model) is the GT frames themselves; every other row's FID and KID are measured
+    against the GT frames, whether or not this row is selected. A frame generator's row draws frame k from
+    its prompt for frame k, with GT frames before k (and their prompts) as references or none. The
+    autoregressive row's frames are those of the story the whole pipeline told from the seed frame.
     """
 
     table: ClassVar[str] = "images"

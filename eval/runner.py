@@ -261,7 +261,7 @@ def evaluate(
     ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only. Only
     the rows ``cfg.rows`` selects are scored, also when the cache holds others.
     """
-    # 1. Each process generates its share; finished stories are reused from the cache.
+    # 1. Each process generates its share; what a cached story already holds is reused.
     run_generation(stories, models, cfg, out, process_index, num_processes, progress)
     wait_for_everyone()
     if process_index != 0:
