@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from eval.rows import ROW_KEYS
 from pipeline.config import ModelPath, validate
-
-IMAGE_MODES = ("non_autoregressive", "autoregressive")
 
 
 @dataclass
@@ -24,8 +23,8 @@ class EvalConfig:
     detector_threshold: float = 0.7
     # Character/background accuracy and F1: a classifier trained with `storypipe train-classifier`.
     classifier_model: ModelPath | None = None
-    # FID/KID features: CLIP image features (FID_CLIP; not comparable with Inception FID numbers).
-    fid_features: Literal["clip"] = "clip"
+    # FID/KID use CLIP image features (FID_CLIP; not comparable with Inception FID numbers). Frames are
+    # resized straight to CLIP's input ("full") or through AR-LDM's 64x64 first ("arldm64").
     fid_resize: Literal["full", "arldm64"] = "full"
     kl_epsilon: float = 1.0  # additive smoothing of word counts for the word-distribution KL
     # Baselines run by the same command; None skips one.
@@ -34,7 +33,9 @@ class EvalConfig:
     # A frame generator trained with generator.context=memory (Make-A-Story's memory attention), hub id or
     # folder: adds the rows memory_story_captions_refs and memory_non_ar. None skips them.
     memory_generator_model: ModelPath | None = None
-    image_modes: list[str] = field(default_factory=lambda: list(IMAGE_MODES))
+    # The table rows to produce, by key (eval/rows.py lists them; "ours_ar" is a text and an image row).
+    # None: every row whose model is configured. A listed row whose model is not configured is skipped.
+    rows: list[str] | None = None
     # Decoding of our captioners in the text rows: 0 = greedy, as both baselines decode, so the rows
     # compare models and not sampling. The autoregressive stories keep captioner.temperature.
     text_temperature: float = 0.0
@@ -52,5 +53,6 @@ class EvalConfig:
             (0 < self.detector_threshold <= 1, "detector_threshold", "must be in (0, 1]"),
             (self.text_temperature >= 0, "text_temperature", "must be >= 0"),
             (self.kl_epsilon > 0, "kl_epsilon", "must be > 0"),
-            (all(mode in IMAGE_MODES for mode in self.image_modes), "image_modes", f"must be among {list(IMAGE_MODES)}"),
+            (self.rows is None or (len(self.rows) > 0 and set(self.rows) <= set(ROW_KEYS)), "rows",
+             f"must be null (every row) or a non-empty list of row names among {list(ROW_KEYS)}"),
         ])  # fmt: skip

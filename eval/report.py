@@ -1,10 +1,15 @@
-"""results.json, results.md (tables laid out like the papers') and PNG plots."""
+"""results.json, results.md (tables laid out like the papers') and PNG plots.
+
+Each table lists the rows of :mod:`eval.rows` that the results hold, in the registry's order, under their
+labels.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from eval.rows import IMAGE_ROWS, SIS_KEY, SIS_LABEL, TEXT_ROWS
 from pipeline.io import atomic_write_json, atomic_write_text
 
 # The source papers' numbers, for side-by-side reading (../shared/reference.md). Only comparable on VIST
@@ -21,25 +26,12 @@ PAPER_IMAGES = {
     "Ours, non-autoregressive, image guidance 5.0": (0.300, 0.646, 0.724, 0.642),
     "Ours, fully autoregressive": (0.196, 0.626, 0.581, 0.740),
 }
-TEXT_ROWS = {
-    "ours_story_next": "Ours: story captioner (non-autoregressive)",
-    "ours_ar": "Ours: autoregressive",
-    "ours_description": "Ours: description captioner (vs DII)",
-    "caption_baseline": "Image-to-text baseline (BLIP row)",
-    "text_baseline": "Text-only LM baseline (MPT row)",
-}
-IMAGE_ROWS = {
-    "gt": "GT images",
-    "sd_no_context": "SD, descriptions, no context",
-    "story_captions_no_context": "Story captions as prompts, no context",
-    "story_captions_refs": "Story captions + reference conditioning",
-    "ours_non_ar": "Ours: descriptions + GT references (non-autoregressive)",
-    "ours_ar": "Ours: fully autoregressive",
-    "memory_story_captions_refs": "Memory attention: story captions + GT references",
-    "memory_non_ar": "Memory attention: descriptions + GT references (non-autoregressive)",
-}
-INTRINSIC_ROWS = {"sis": "SIS (ground truth)", "ours_ar": "Ours: autoregressive", "caption_baseline": "Image-to-text baseline",
-                  "text_baseline": "Text-only LM baseline"}  # fmt: skip
+
+
+def intrinsic_labels() -> dict[str, str]:
+    """The intrinsic table's rows in order, key -> label: the GT story captions, then the text rows there."""
+    rows = {row.key: row.intrinsic_label for row in TEXT_ROWS if row.intrinsic_label is not None}
+    return {SIS_KEY: SIS_LABEL, **rows}
 
 
 def _cell(value: Any, percent: bool = False) -> str:
@@ -62,8 +54,9 @@ def results_markdown(results: dict) -> str:
     ]
 
     parts.append("## Text: next story caption / description\n")
-    rows = [[TEXT_ROWS[m], _cell(text[m]["meteor"]), _cell(text[m]["clip"]), _cell(text[m]["sentence_similarity"]),
-             str(text[m]["samples"])] for m in TEXT_ROWS if m in text]  # fmt: skip
+    rows = [[row.label, _cell(text[row.key]["meteor"]), _cell(text[row.key]["clip"]),
+             _cell(text[row.key]["sentence_similarity"]), str(text[row.key]["samples"])]
+            for row in TEXT_ROWS if row.key in text]  # fmt: skip
     parts.append(_table(["Method", "METEOR", "CLIP", "Sentence sim.", "n"], rows))
     parts.append("\nThe source paper, on VIST:\n")
     parts.append(
@@ -73,8 +66,10 @@ def results_markdown(results: dict) -> str:
         )
     )
 
-    described = text.get("ours_description", {})
-    if described.get("character_frames"):
+    for row in TEXT_ROWS:
+        described = text.get(row.key, {}) if row.reference == "dii" else {}
+        if not described.get("character_frames"):
+            continue
         parts.append("\n## Referential accuracy of the descriptions (ShapeStories)\n")
         parts.append(
             _table(
@@ -93,23 +88,25 @@ def results_markdown(results: dict) -> str:
 
     parts.append("\n## Images\n")
     rows = []
-    for method, label in IMAGE_ROWS.items():
-        if method in images:
-            row = images[method]
-            rows.append([label, _cell(row["text_image"]), _cell(row["previous_image"]), _cell(row.get("gt_image")),
-                         _cell(row["total_story"]), _cell(row.get("fid")), _cell(row.get("kid")),
+    for image_row in IMAGE_ROWS:
+        if image_row.key in images:
+            row = images[image_row.key]
+            rows.append([image_row.label, _cell(row["text_image"]), _cell(row["previous_image"]),
+                         _cell(row.get("gt_image")), _cell(row["total_story"]), _cell(row.get("fid")), _cell(row.get("kid")),
                          _cell(row.get("character_accuracy"), True), _cell(row.get("character_f1"), True),
                          _cell(row.get("background_accuracy"), True), _cell(row.get("background_f1"), True)])  # fmt: skip
     parts.append(_table(["Method", "Text–image", "Prev-image", "GT-image", "Total story", "FID", "KID",
                          "Char acc", "Char F1", "Bg acc", "Bg F1"], rows))  # fmt: skip
-    told = images.get("ours_ar", {})
-    if told.get("told_character_accuracy") is not None:
-        parts.append(
-            "\nAgainst the story it told (ShapeStories): the autoregressive pipeline's frames show the characters "
-            f"its own descriptions name in {_cell(told['told_character_accuracy'], True)}% of frames and the "
-            f"place they name in {_cell(told.get('told_background_accuracy'), True)}%. The row above scores them "
-            "against the true story, whose new actors and places the pipeline cannot know from the seed."
-        )
+    for row in IMAGE_ROWS:
+        told = images.get(row.key, {}) if row.autoregressive else {}
+        if told.get("told_character_accuracy") is not None:
+            parts.append(
+                "\nAgainst the story it told (ShapeStories): the autoregressive pipeline's frames show the "
+                f"characters its own descriptions name in {_cell(told['told_character_accuracy'], True)}% of "
+                f"frames and the place they name in {_cell(told.get('told_background_accuracy'), True)}%. The "
+                "row above scores them against the true story, whose new actors and places the pipeline cannot "
+                "know from the seed."
+            )
     notes = sorted({row["fid_note"] for row in images.values() if row.get("fid_note")})
     parts.append(
         "\nFID/KID use CLIP image features against the GT frames (not comparable with Inception FID), "
@@ -120,10 +117,14 @@ def results_markdown(results: dict) -> str:
                         [[k, *(_cell(v) for v in vals)] for k, vals in PAPER_IMAGES.items()]))  # fmt: skip
 
     parts.append("\n## Intrinsic\n")
-    rows = [[INTRINSIC_ROWS[m], _cell(intrinsic[m]["pronouns_per_story"]), _cell(intrinsic[m]["kl_vs_sis"]),
-             _cell(intrinsic[m]["kl_vs_dii"])] for m in INTRINSIC_ROWS if m in intrinsic]  # fmt: skip
+    rows = [[label, _cell(intrinsic[key]["pronouns_per_story"]), _cell(intrinsic[key]["kl_vs_sis"]),
+             _cell(intrinsic[key]["kl_vs_dii"])] for key, label in intrinsic_labels().items() if key in intrinsic]  # fmt: skip
     parts.append(_table(["Text", "Pronouns per story", "Word KL vs SIS", "Word KL vs DII"], rows))
-    objects = [[IMAGE_ROWS[m], _cell(images[m].get("objects_per_image"))] for m in IMAGE_ROWS if m in images]
+    objects = [
+        [row.label, _cell(images[row.key].get("objects_per_image"))]
+        for row in IMAGE_ROWS
+        if row.key in images
+    ]
     parts.append("\n" + _table(["Frames", "Objects per image"], objects))
     parts.append(f"\nWord KL is KL(generated ‖ reference) over the shared vocabulary, additive smoothing ε = {results['kl_epsilon']}. "
                  "The paper: pronouns SIS 2.73, BLIP 0.45, ours 1.71; KL (SIS / DII) MPT 0.84 / 1.71, ours 1.45 / 1.40; "
@@ -143,19 +144,18 @@ def write_plots(results: dict, out: Path) -> None:
     for axis, (name, row) in zip(axes[0], intrinsic.items(), strict=True):
         words = row["top_words"][:10]
         axis.barh([w for w, _ in words][::-1], [f for _, f in words][::-1])
-        axis.set_title(INTRINSIC_ROWS.get(name, name), fontsize=9)
+        axis.set_title(intrinsic_labels().get(name, name), fontsize=9)
     figure.suptitle("Most frequent words")
     figure.tight_layout()
     figure.savefig(out / "word_distribution.png")
     plt.close(figure)
 
-    images = {m: row for m, row in results["images"].items() if row.get("object_histogram")}
+    images = [(row.label, results["images"].get(row.key, {})) for row in IMAGE_ROWS]
+    images = [(label, row) for label, row in images if row.get("object_histogram")]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method, row in images.items():
+    for label, row in images:
         histogram = {int(k): v for k, v in row["object_histogram"].items()}
-        axis.plot(
-            sorted(histogram), [histogram[k] for k in sorted(histogram)], marker="o", label=IMAGE_ROWS[method]
-        )
+        axis.plot(sorted(histogram), [histogram[k] for k in sorted(histogram)], marker="o", label=label)
     axis.set_xlabel("objects detected per frame")
     axis.set_ylabel("frames")
     if images:

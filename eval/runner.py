@@ -1,28 +1,15 @@
 """`storypipe eval`: the metric tables of both source papers, with their baselines, from one command.
 
-For every usable story of the split (in ``story_id`` order), each *method* produces captions and/or
-frames, and each is scored per frame; per-story results are cached under ``OUT/cache/``, so a crashed
-run resumes where it stopped, and under ``accelerate launch`` each process takes every n-th story and
-the main process merges. Generated frames are kept under ``OUT/images/{method}/``.
-
-Text methods (predicting story caption k+1, or the description of frame k+1, from frame k):
-  ours_story_next   story captioner: GT image k + GT caption k            vs SIS k+1
-  ours_description  description captioner: GT image k + SIS k, SIS k+1    vs DII k+1
-  ours_ar           the whole pipeline's captions, from the seed frame    vs SIS k
-  caption_baseline  an off-the-shelf image-to-text model on GT image k    vs SIS k+1 (the paper's BLIP row)
-  text_baseline     a causal LM given the previous GT captions            vs SIS k+1 (the paper's MPT row)
-Image methods (frames 1..n-1; the seed frame is GT):
-  gt                         the ground-truth frames themselves
-  sd_no_context              descriptions, no reference frames (independent SD)
-  story_captions_no_context  story captions as prompts, no references (the key ablation)
-  story_captions_refs        story captions + reference conditioning
-  ours_non_ar                descriptions + GT reference frames
-  ours_ar                    the whole pipeline from the seed frame
-  memory_story_captions_refs story captions + GT references, Make-A-Story's memory-attention generator
-  memory_non_ar              descriptions + GT references, the memory-attention generator
-The two memory rows need ``eval.memory_generator_model``. On ShapeStories, ``ours_description`` also gets
-referential scores (:mod:`eval.referential_metrics`): does a description name the characters that the
-next story caption only calls "he", "she" or "they"?
+The tables' rows are the records of :mod:`eval.rows`: each says which system produces it, from what, and
+what it is scored against. For every usable story of the split (in ``story_id`` order), every row that
+``eval.rows`` selects and whose model is configured produces one text or one frame for each of frames
+1..n-1, and each is scored per frame. Per-story outputs are cached under ``OUT/cache/``, so a crashed run
+resumes where it stopped and a rerun only produces the rows a cached story lacks; under
+``accelerate launch`` each process takes every n-th story and the main process merges. Generated frames
+are kept under ``OUT/images/{row key}/``, the autoregressive stories as story folders under
+``OUT/stories/``. On ShapeStories the rows scored against the descriptions also get referential scores
+(:mod:`eval.referential_metrics`): does a description name the characters that the next story caption
+only calls "he", "she" or "they"?
 """
 
 from __future__ import annotations
@@ -37,17 +24,17 @@ from PIL import Image
 
 from eval.config import EvalConfig
 from eval.report import write_results
-from eval.scoring import IMAGE_METHODS as IMAGE_METHODS  # re-exported: the image methods, in table order
+from eval.rows import IMAGE_ROWS, TEXT_ROWS, ImageRow, Row, TextRow, select_rows
 from eval.scoring import Measures, score_images, score_intrinsic, score_text
 from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.orchestrator import FrameIllustrator
+from pipeline.seeds import derive_seed
 
 CACHE_DIR = "cache"
 IMAGES_DIR = "images"
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
-TEXT_METHODS = ("ours_story_next", "ours_description", "ours_ar", "caption_baseline", "text_baseline")
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +76,10 @@ class EvalModels:
     caption_baseline: Callable[[Sequence[Image.Image]], list[str]] | None = None
     text_baseline: Callable[[Sequence[str]], str] | None = None  # previous captions -> the next one
 
+    def has(self, row: Row) -> bool:
+        """Whether the model ``row`` needs is here (the ground-truth row needs none)."""
+        return row.model is None or getattr(self, row.model) is not None
+
 
 # --------------------------------------------------------------------------------------------
 # Per-story generation (cached)
@@ -108,62 +99,99 @@ def select_stories(
     return stories
 
 
-def generate_story_outputs(
-    story: VistStory, images: list[Image.Image], models: EvalModels, cfg: EvalConfig, out: Path
-) -> dict:
-    """Everything each method produces for one story; frames are saved, paths recorded."""
-    captions = [frame.story_caption for frame in story.frames]
-    descriptions = [frame.description for frame in story.frames]
-    n = len(story.frames)
-    record: dict[str, Any] = {"story_id": story.story_id, "text": {}, "images": {}}
+def new_record(story_id: str) -> dict[str, Any]:
+    """A story's outputs as cached: each row's texts or frame paths under its table and key."""
+    return {"story_id": story_id, "text": {}, "images": {}}
 
-    def save(method: str, k: int, image: Image.Image) -> str:
-        path = out / IMAGES_DIR / method / f"{story.story_id}_{k}.png"
+
+def rows_to_generate(record: dict, models: EvalModels, cfg: EvalConfig) -> list[Row]:
+    """The rows ``cfg.rows`` selects whose model is configured and whose outputs ``record`` lacks."""
+    wanted = [row for row in select_rows((*TEXT_ROWS, *IMAGE_ROWS), cfg.rows) if models.has(row)]
+    missing = [row for row in wanted if row.key not in record[row.table]]
+    if any(row.autoregressive for row in missing):  # one told story feeds them all: tell it again for all
+        missing += [row for row in wanted if row.autoregressive and row not in missing]
+    return missing
+
+
+def generate_story_outputs(
+    story: VistStory,
+    images: list[Image.Image],
+    models: EvalModels,
+    cfg: EvalConfig,
+    out: Path,
+    record: dict | None = None,
+) -> dict:
+    """Add to ``record`` (a new one when None) the outputs of :func:`rows_to_generate`'s rows for one story.
+
+    Frames are saved under ``out`` and their paths recorded. Seeds come from ``derive_seed(cfg.seed, ...)``
+    and the story id, so each story draws its own noise; frame k of every frame generator's row has the same
+    seed, so those rows differ only in what they are conditioned on.
+    """
+    record = record if record is not None else new_record(story.story_id)
+    rows = rows_to_generate(record, models, cfg)
+    captions = [frame.story_caption for frame in story.frames]
+    prompts = {"story_captions": captions, "descriptions": [frame.description for frame in story.frames]}
+    n = len(story.frames)
+
+    def save(row: ImageRow, k: int, image: Image.Image) -> str:
+        path = out / IMAGES_DIR / row.key / f"{story.story_id}_{k}.png"
         atomic_save_image(path, image.convert("RGB"))
         return str(path.relative_to(out))
 
-    # 1. Text, non-autoregressive: frame k predicts k+1.
-    if models.captioners is not None:
-        record["text"]["ours_story_next"] = models.captioners.next_story_captions(
-            images[:-1], captions[:-1], seed=cfg.seed
-        )
-        record["text"]["ours_description"] = models.captioners.describe_batch(
-            images[:-1], captions[:-1], captions[1:], seed=cfg.seed
-        )
-    if models.caption_baseline is not None:
-        record["text"]["caption_baseline"] = models.caption_baseline(images[:-1])
-    if models.text_baseline is not None:
-        record["text"]["text_baseline"] = [models.text_baseline(captions[: k + 1]) for k in range(n - 1)]
-
-    # 2. Images, non-autoregressive: GT previous frames as references.
-    record["images"]["gt"] = [
-        str(Path(frame.image_path).resolve()) for frame in story.frames[1:]
-    ]  # absolute: --data may be relative
-    # method -> (illustrator, prompts, with GT references)
-    variants: dict[str, tuple[FrameIllustrator, list[str], bool]] = {}
-    if models.illustrator is not None:
-        variants["sd_no_context"] = (models.illustrator, descriptions, False)
-        variants["story_captions_no_context"] = (models.illustrator, captions, False)
-        variants["story_captions_refs"] = (models.illustrator, captions, True)
-        variants["ours_non_ar"] = (models.illustrator, descriptions, True)
-    if models.memory_illustrator is not None:
-        variants["memory_story_captions_refs"] = (models.memory_illustrator, captions, True)
-        variants["memory_non_ar"] = (models.memory_illustrator, descriptions, True)
-    for method, (illustrator, prompts, with_refs) in variants.items():
-        paths = []
-        for k in range(1, n):
-            start = max(0, k - illustrator.max_references) if with_refs else k
-            result = illustrator.generate(prompts[k], images[start:k], prompts[start:k], seed=cfg.seed + k)
-            paths.append(save(method, k, result.image))
-        record["images"][method] = paths
-
-    # 3. The whole pipeline, autoregressive from the seed frame.
-    if models.tell_story is not None and "autoregressive" in cfg.image_modes:
+    told = None
+    if any(row.autoregressive for row in rows):  # the whole pipeline, from the seed frame
+        # The story seed stays cfg.seed: the story loop derives its frame seeds by arithmetic on it
+        # (pipeline.orchestrator.frame_seed), which a 63-bit derive_seed value would overflow.
         told = models.tell_story(out / STORIES_DIR / story.story_id, images[0], captions[0], n, cfg.seed)
-        record["text"]["ours_ar"] = told.captions[1:]
         record["ar_descriptions"] = told.descriptions[1:]
-        record["images"]["ours_ar"] = [save("ours_ar", k, told.images[k]) for k in range(1, n)]
+
+    for row in rows:
+        if isinstance(row, TextRow) and row.autoregressive:
+            record["text"][row.key] = told.captions[1:]
+        elif isinstance(row, TextRow):
+            seed = derive_seed(cfg.seed, row.key, story.story_id)
+            record["text"][row.key] = predict_next_texts(row, models, images, captions, seed)
+        elif row.ground_truth:  # absolute paths: --data may be relative
+            record["images"][row.key] = [str(Path(frame.image_path).resolve()) for frame in story.frames[1:]]
+        elif row.autoregressive:
+            record["images"][row.key] = [save(row, k, told.images[k]) for k in range(1, n)]
+        else:
+            seeds = [derive_seed(cfg.seed, "frame", story.story_id, k) for k in range(n)]
+            drawn = draw_frames(row, getattr(models, row.model), images, prompts[row.prompts], seeds)
+            record["images"][row.key] = [save(row, k, image) for k, image in enumerate(drawn, start=1)]
     return record
+
+
+def draw_frames(
+    row: ImageRow,
+    illustrator: FrameIllustrator,
+    images: list[Image.Image],
+    prompts: list[str],
+    seeds: list[int],
+) -> list[Image.Image]:
+    """A frame generator's row: frames 1..n-1, frame k from ``prompts[k]`` and ``seeds[k]``, with the GT
+    frames before k (at most ``illustrator.max_references``) and their prompts as references, or none."""
+    frames = []
+    for k in range(1, len(images)):
+        start = max(0, k - illustrator.max_references) if row.gt_references else k
+        result = illustrator.generate(prompts[k], images[start:k], prompts[start:k], seed=seeds[k])
+        frames.append(result.image)
+    return frames
+
+
+def predict_next_texts(
+    row: TextRow, models: EvalModels, images: list[Image.Image], captions: list[str], seed: int
+) -> list[str]:
+    """A non-autoregressive text row's predictions for frames 1..n-1: frame k+1's text from GT frame k."""
+    if row.model == "captioners" and row.reference == "dii":  # the description captioner also reads SIS k+1
+        return models.captioners.describe_batch(images[:-1], captions[:-1], captions[1:], seed=seed)
+    if row.model == "captioners":
+        return models.captioners.next_story_captions(images[:-1], captions[:-1], seed=seed)
+    if row.model == "caption_baseline":
+        return models.caption_baseline(images[:-1])
+    if row.model == "text_baseline":
+        return [models.text_baseline(captions[: k + 1]) for k in range(len(captions) - 1)]
+    raise ValueError(f"text row {row.key!r}: no code predicts texts with model {row.model!r}")
 
 
 def run_generation(
@@ -175,12 +203,13 @@ def run_generation(
     num_processes: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Generate (or reuse from the cache) each of this process's stories."""
+    """Generate each of this process's stories, or only the rows its cached record lacks."""
     mine = stories[process_index::num_processes]
     for done, (story, images) in enumerate(mine, start=1):
-        cached = out / CACHE_DIR / f"{story.story_id}.json"
-        if not cached.is_file():
-            atomic_write_json(cached, generate_story_outputs(story, images, models, cfg, out))
+        path = out / CACHE_DIR / f"{story.story_id}.json"
+        record = json.loads(path.read_text()) if path.is_file() else new_record(story.story_id)
+        if rows_to_generate(record, models, cfg):
+            atomic_write_json(path, generate_story_outputs(story, images, models, cfg, out, record))
         if progress is not None:
             progress(done, len(mine))
 
@@ -197,15 +226,15 @@ def load_records(stories: list[tuple[VistStory, list[Image.Image]]], out: Path) 
     return records
 
 
-def check_record_images(records: list[dict], out: Path) -> None:
-    """Every frame a record names must exist (a clear error if the folder was tampered with or moved)."""
+def check_record_images(records: list[dict], out: Path, rows: Sequence[ImageRow] = IMAGE_ROWS) -> None:
+    """Every frame of ``rows`` a record names must exist (a clear error if the folder was tampered with)."""
     for record in records:
-        for method, paths in record["images"].items():
-            for path in paths:
+        for row in rows:
+            for path in record["images"].get(row.key, []):
                 full = Path(path) if Path(path).is_absolute() else out / path
                 if not full.is_file():
                     raise DataError(
-                        f"story {record['story_id']}, method {method}: frame {full} is missing; delete "
+                        f"story {record['story_id']}, row {row.key}: frame {full} is missing; delete "
                         f"{out / CACHE_DIR / (record['story_id'] + '.json')} and rerun to regenerate it"
                     )
 
@@ -229,16 +258,18 @@ def evaluate(
 ) -> dict | None:
     """Generate (sharded, cached), then on the main process score and write the results.
 
-    ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only.
+    ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only. Only
+    the rows ``cfg.rows`` selects are scored, also when the cache holds others.
     """
-    # 1. Each process generates its share; finished stories are reused from the cache.
+    # 1. Each process generates its share; what a cached story already holds is reused.
     run_generation(stories, models, cfg, out, process_index, num_processes, progress)
     wait_for_everyone()
     if process_index != 0:
         return None
     # 2. Merge, check, score, write.
     records = load_records(stories, out)
-    check_record_images(records, out)
+    text_rows, image_rows = select_rows(TEXT_ROWS, cfg.rows), select_rows(IMAGE_ROWS, cfg.rows)
+    check_record_images(records, out, image_rows)
     vist_stories = [story for story, _ in stories]
     results = {
         "data": str(data_dir),
@@ -246,9 +277,9 @@ def evaluate(
         "stories": len(stories),
         "fid_resize": cfg.fid_resize,
         "kl_epsilon": cfg.kl_epsilon,
-        "text": score_text(records, vist_stories, measures),
-        "images": score_images(records, vist_stories, measures, out),
-        "intrinsic": score_intrinsic(records, vist_stories, measures),
+        "text": score_text(records, vist_stories, measures, text_rows),
+        "images": score_images(records, vist_stories, measures, out, image_rows),
+        "intrinsic": score_intrinsic(records, vist_stories, measures, text_rows),
     }
     write_results(results, out)
     return results

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from eval.referential_metrics import is_pronoun_caption
-from eval.report import IMAGE_ROWS, TEXT_ROWS
-from eval.runner import IMAGE_METHODS, TEXT_METHODS
+from eval.report import intrinsic_labels
+from eval.rows import IMAGE_ROWS, TEXT_ROWS
 from pipeline.config import ToyDataConfig
 from pipeline.data.shapestories import generate_shapestories
 from pipeline.data.vist import load_vist_split
@@ -61,18 +61,22 @@ def evaluated(tmp_path_factory, eval_options, toy_stories):
 def test_every_table_is_filled(evaluated):
     results = json.loads((evaluated / "results.json").read_text())
     assert results["stories"] == 2
-    for method in TEXT_METHODS:
-        row = results["text"][method]
-        assert row["samples"] == 8, method
-        assert all(isinstance(row[key], float) for key in ("meteor", "sentence_similarity", "clip")), method
-    for method in IMAGE_METHODS:
-        row = results["images"][method]
-        assert row["frames"] == 8, method
-        assert all(isinstance(row[key], float) for key in IMAGE_COLUMNS), method
-        if method != "gt":
-            assert all(isinstance(row[key], float) for key in ("gt_image", "fid", "kid")), method
+    # Every row of the registry: the tiny preset configures every model.
+    assert list(results["text"]) == [row.key for row in TEXT_ROWS]
+    assert list(results["images"]) == [row.key for row in IMAGE_ROWS]
+    assert list(results["intrinsic"]) == list(intrinsic_labels())
+    for text_row in TEXT_ROWS:
+        row = results["text"][text_row.key]
+        assert row["samples"] == 8, text_row.key
+        assert all(isinstance(row[key], float) for key in ("meteor", "sentence_similarity", "clip")), text_row
+    for image_row in IMAGE_ROWS:
+        row = results["images"][image_row.key]
+        assert row["frames"] == 8, image_row.key
+        assert all(isinstance(row[key], float) for key in IMAGE_COLUMNS), image_row.key
+        if not image_row.ground_truth:
+            assert all(isinstance(row[key], float) for key in ("gt_image", "fid", "kid")), image_row.key
             assert "(< 2048)" in row["fid_note"]  # too few samples for a reliable FID: said so
-    for name in ("sis", "ours_ar", "caption_baseline", "text_baseline"):
+    for name in intrinsic_labels():
         assert isinstance(results["intrinsic"][name]["kl_vs_dii"], float)
         assert isinstance(results["intrinsic"][name]["pronouns_per_story"], float)
     markdown = (evaluated / "results.md").read_text()
@@ -84,7 +88,7 @@ def test_every_table_is_filled(evaluated):
         "Ours: fully autoregressive",
     ):
         assert heading in markdown
-    for label in [*TEXT_ROWS.values(), *IMAGE_ROWS.values()]:
+    for label in [row.label for row in (*TEXT_ROWS, *IMAGE_ROWS)] + list(intrinsic_labels().values()):
         assert f"| {label} |" in markdown, label
     assert (evaluated / "word_distribution.png").is_file() and (evaluated / "object_counts.png").is_file()
     assert len(list((evaluated / "stories").iterdir())) == 2  # the autoregressive stories, as story folders

@@ -1,19 +1,16 @@
-"""Toy models trained for the eval stage (tiny CLIP, text-only LM), memory-attention rows, referential scores."""
+"""Toy models trained for the eval stage (tiny CLIP, text-only LM), the memory-attention generator, referential scores."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from eval.baselines import TextOnlyBaseline
-from eval.config import EvalConfig
 from eval.image_metrics import ClipSimilarity
 from eval.referential_metrics import (
     described_labels,
@@ -21,7 +18,6 @@ from eval.referential_metrics import (
     named_characters,
     referential_scores,
 )
-from eval.runner import EvalModels, generate_story_outputs
 from eval.scoring import Measures, score_images
 from pipeline.config import RESOLVED_CONFIG_NAME, ToyDataConfig
 from pipeline.data.shapestories import CONNECTIVES, generate_shapestories
@@ -212,43 +208,8 @@ def test_referential_scores_count_exact_character_sets():
 
 
 # --------------------------------------------------------------------------------------------
-# Memory-attention rows
+# Memory-attention generator (its rows: tests/test_eval_rows.py)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Drawn:
-    image: Image.Image
-    prompt_truncated: bool = False
-
-
-class _RecordingIllustrator:
-    def __init__(self, colour: tuple[int, int, int], max_references: int = 3) -> None:
-        self.colour, self.max_references, self.calls = colour, max_references, []
-
-    def generate(self, description, context_images=(), context_descriptions=(), seed=0, **_):
-        self.calls.append((description, len(context_images), list(context_descriptions)))
-        return _Drawn(Image.new("RGB", (8, 8), self.colour))
-
-
-def test_memory_rows_use_the_memory_illustrator_with_gt_references(shapestories, tmp_path):
-    story, images = next(load_vist_split(shapestories, "train").iter_usable(limit=1))
-    plain, memory = _RecordingIllustrator((0, 0, 0)), _RecordingIllustrator((255, 0, 0), max_references=2)
-    record = generate_story_outputs(
-        story, images, EvalModels(illustrator=plain, memory_illustrator=memory), EvalConfig(), tmp_path
-    )
-    captions = [f.story_caption for f in story.frames]
-    descriptions = [f.description for f in story.frames]
-    assert len(plain.calls) == 4 * 4 and len(memory.calls) == 2 * 4
-    # story captions + references, then descriptions + references, at most 2 references each
-    expected = [(captions[k], min(k, 2), captions[max(0, k - 2) : k]) for k in range(1, 5)]
-    expected += [(descriptions[k], min(k, 2), descriptions[max(0, k - 2) : k]) for k in range(1, 5)]
-    assert memory.calls == expected
-    for method in ("memory_story_captions_refs", "memory_non_ar"):
-        assert len(record["images"][method]) == 4
-        assert Image.open(tmp_path / record["images"][method][0]).getpixel((0, 0)) == (255, 0, 0)
-    without = generate_story_outputs(story, images, EvalModels(illustrator=plain), EvalConfig(), tmp_path)
-    assert "memory_non_ar" not in without["images"]
 
 
 def test_the_memory_generator_loads_with_memory_attention(tiny_sd):
