@@ -22,10 +22,10 @@ IMAGE_COLUMNS = ("text_image", "previous_image", "total_story", "objects_per_ima
 
 
 @pytest.fixture(scope="module")
-def eval_options(tmp_path_factory, tiny_llava, tiny_sd, toy_stories):
+def eval_options(tmp_path_factory, tiny_llava, tiny_sd, toy_stories, storypipe_cache):
     """The tiny preset pointed at the session's tiny models, a classifier trained through the CLI, and
-    tiny measuring models built on first use."""
-    models = tmp_path_factory.mktemp("eval-models")
+    tiny measuring models built on first use (in storypipe's cache, the only place they may be built)."""
+    models = storypipe_cache / tmp_path_factory.mktemp("eval-models").name
     classifier = models / "classifier"
     result = runner.invoke(app, ["train-classifier", "--data", str(toy_stories), "--out", str(classifier), "--preset", "tiny",
                                  "--set", "classifier.max_steps=5", "--set", "classifier.image_size=32"])  # fmt: skip
