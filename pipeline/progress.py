@@ -129,8 +129,9 @@ class ProgressReporter:
             )  # fmt: skip
             return
         now = time.monotonic()
-        if task._said_finished:
+        if task._said_finished and task.finished:
             return
+        task._said_finished = False  # a task can start a new round (the denoising steps of the next frame)
         if task.finished or now - task._last_line >= self.interval_s:
             task._last_line, task._said_finished = now, task.finished
             self.console.print(task.line(), highlight=False, markup=False)

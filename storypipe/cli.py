@@ -109,7 +109,9 @@ class Run:
         """The story loop's progress: which frame and stage, and the denoising steps."""
         frames, steps = progress.task("frames"), progress.task("denoising")
         return StoryEvents(
-            on_stage=lambda index, total, what: frames.update(index, total, label=f"frame {index}: {what}"),
+            on_stage=lambda index, total, what: frames.update(
+                index, total, label=f"frame {index}: {what}" if index < total else "frames"
+            ),
             on_step=lambda step, total: steps.update(step, total),
             on_note=self.note,
         )
