@@ -273,8 +273,8 @@ def global_batch_indices(step: int, num_samples: int, global_batch: int, seed: i
     return wrapped[position * global_batch : (position + 1) * global_batch]
 
 
-def step_generator(seed: int, purpose: str, *parts: int) -> torch.Generator:
-    """A CPU generator for one step's random draws (noise, dropout choices, flips): a function of its parts."""
+def seeded_generator(seed: int, purpose: str, *parts: int) -> torch.Generator:
+    """A CPU generator seeded by ``derive_seed(seed, purpose, *parts)``: one step's noise, say, from its step."""
     return torch.Generator().manual_seed(derive_seed(seed, purpose, *parts))
 
 

@@ -31,7 +31,7 @@ from pipeline.config import save_resolved_config
 from pipeline.data.vist import load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import ImageDecodeError, load_rgb
-from pipeline.training import TrainingRun, global_batch_indices, step_generator, warmup_cosine_schedule
+from pipeline.training import TrainingRun, global_batch_indices, seeded_generator, warmup_cosine_schedule
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import (
     SCHEDULER_CLASSES,
@@ -111,7 +111,7 @@ def pretrain(run: PretrainRun) -> Path:
         # 4. Phase 1, the VAE: reconstruct the frames. Step s draws batch s and noise from (seed, s).
         vae.train().requires_grad_(True)
         for step in range(start_step, pcfg.vae_steps):
-            rng = step_generator(pcfg.seed, "vae step", step)
+            rng = seeded_generator(pcfg.seed, "vae step", step)
             batch = pixels[global_batch_indices(step, len(frames), pcfg.vae_batch_size, pcfg.seed)]
             posterior = vae.encode(batch).latent_dist
             noise = torch.randn(posterior.mean.shape, generator=rng).to(device)  # (B, C, h, w)
@@ -153,7 +153,7 @@ def pretrain(run: PretrainRun) -> Path:
         train_steps = noise_scheduler.config.num_train_timesteps
         for step in range(max(start_step, pcfg.vae_steps), total_steps):
             unet_step = step - pcfg.vae_steps
-            rng = step_generator(pcfg.seed, "unet step", unet_step)
+            rng = seeded_generator(pcfg.seed, "unet step", unet_step)
             indices = torch.tensor(global_batch_indices(unet_step, len(frames), pcfg.batch_size, pcfg.seed))
             batch = len(indices)
             use_story = (torch.rand(batch, generator=rng) < pcfg.story_caption_probability).to(device)  # (B,)

@@ -30,7 +30,7 @@ from pipeline.config import save_resolved_config
 from pipeline.data.vist import VistFrame, VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import ImageDecodeError, load_rgb
-from pipeline.training import TrainingRun, global_batch_indices, step_generator
+from pipeline.training import TrainingRun, global_batch_indices, seeded_generator
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
 
@@ -123,7 +123,7 @@ def train(run: StoryGenRun) -> Path:
         # 6. The loop. Every random choice of step s comes from a generator of (seed, s, process).
         for step in range(start_step, tcfg.max_steps):
             model.train()
-            rng = step_generator(tcfg.seed, "storygen step", step, accelerator.process_index)
+            rng = seeded_generator(tcfg.seed, "storygen step", step, accelerator.process_index)
             indices = global_batch_indices(step, len(examples), global_batch, tcfg.seed)
             local = indices[accelerator.process_index :: accelerator.num_processes]
             micro_batches = [local[i : i + tcfg.batch_size] for i in range(0, len(local), tcfg.batch_size)]
