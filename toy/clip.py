@@ -26,21 +26,17 @@ from torch.nn import functional as F
 from transformers import CLIPModel, CLIPProcessor
 
 from eval.image_metrics import pooled_features
-from pipeline.config import save_resolved_config
 from pipeline.data.vist import load_vist_split, sis_path
-from pipeline.errors import DataError, StorypipeError
-from pipeline.io import atomic_write_folder, atomic_write_json
+from pipeline.errors import DataError
 from pipeline.training import (
-    CHECKPOINTS_DIR,
-    LOG_FILE,
     TrainingRun,
     global_batch_indices,
     seeded_generator,
     warmup_cosine_schedule,
-    write_log,
 )
 from toy.builders import build_tiny_clip
 from toy.config import ClipTrainConfig
+from toy.run_folder import refuse_foreign_folder, write_model_folder
 
 METRICS_FILE = "clip_metrics.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature so logits are scaled by at most 100
@@ -210,11 +206,7 @@ def train_clip(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    ours = (out_dir / METRICS_FILE).is_file() or (out_dir / CHECKPOINTS_DIR).is_dir()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not ours:
-        raise StorypipeError(
-            f"{out_dir} is not empty and holds no earlier train-clip run; choose another output folder"
-        )
+    refuse_foreign_folder(out_dir, METRICS_FILE, "train-clip")
 
     with TrainingRun(
         out_dir, "train-clip", checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
@@ -291,13 +283,7 @@ def train_clip(
         }
         model.cpu().eval()
 
-        def write(staging: Path) -> None:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-            save_resolved_config(resolved_config if resolved_config is not None else cfg, staging)
-            write_log(staging / LOG_FILE, log)
-            atomic_write_json(staging / METRICS_FILE, metrics)
-
-        atomic_write_folder(out_dir, write)  # replaces the folder, checkpoints and all
+        config = resolved_config if resolved_config is not None else cfg
+        write_model_folder(out_dir, model, processor, config, log, METRICS_FILE, metrics)
         training.finish()
     return metrics

@@ -29,20 +29,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.baselines import STORY_PROMPT, TextOnlyBaseline
-from pipeline.config import save_resolved_config
 from pipeline.data.vist import load_vist_split, sis_path
-from pipeline.errors import DataError, StorypipeError
-from pipeline.io import atomic_write_folder, atomic_write_json
+from pipeline.errors import DataError
 from pipeline.training import (
-    CHECKPOINTS_DIR,
-    LOG_FILE,
     TrainingRun,
     global_batch_indices,
     warmup_cosine_schedule,
-    write_log,
 )
 from toy.builders import build_tiny_causal_lm
 from toy.config import TextBaselineTrainConfig
+from toy.run_folder import refuse_foreign_folder, write_model_folder
 
 METRICS_FILE = "text_baseline_metrics.json"
 IGNORE_INDEX = -100  # label of padding positions (the transformers convention)
@@ -115,11 +111,7 @@ def train_text_baseline(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    ours = (out_dir / METRICS_FILE).is_file() or (out_dir / CHECKPOINTS_DIR).is_dir()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not ours:
-        raise StorypipeError(
-            f"{out_dir} is not empty and holds no earlier train-text-baseline run; choose another output folder"
-        )
+    refuse_foreign_folder(out_dir, METRICS_FILE, "train-text-baseline")
 
     with TrainingRun(
         out_dir, "train-text-baseline", checkpoint_every=cfg.checkpoint_every,
@@ -184,13 +176,7 @@ def train_text_baseline(
         metrics["seconds"] = round(time.perf_counter() - started, 2)
         model.cpu()
 
-        def write(staging: Path) -> None:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            save_resolved_config(resolved_config if resolved_config is not None else cfg, staging)
-            write_log(staging / LOG_FILE, log)
-            atomic_write_json(staging / METRICS_FILE, metrics)
-
-        atomic_write_folder(out_dir, write)  # replaces the folder, checkpoints and all
+        config = resolved_config if resolved_config is not None else cfg
+        write_model_folder(out_dir, model, tokenizer, config, log, METRICS_FILE, metrics)
         training.finish()
     return metrics
