@@ -83,7 +83,7 @@ class TrainingRun:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.checkpoints = self.out_dir / CHECKPOINTS_DIR
-        self.label, self.resuming = label, resume
+        self.label = label
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.log_file = self.out_dir / LOG_FILE if log_file else None
         self.records: list[dict[str, Any]] = []  # the log, restored with a checkpoint
@@ -148,18 +148,17 @@ class TrainingRun:
         step = 0
         if self._resume_from is not None:
             saved = json.loads((self._resume_from / STATE_FILE).read_text())
-            if saved["run"] != self.label:
+            if saved.get("run") != self.label:  # another command's run, or an older storypipe's layout
+                written_by = repr(saved["run"]) if "run" in saved else "an earlier version of storypipe"
                 raise StorypipeError(
-                    f"--resume: {self._resume_from} was written by {saved['run']!r}, not {self.label!r}"
+                    f"--resume: {self._resume_from} was written by {written_by}, not by {self.label!r}"
                 )
             self.accelerator.load_state(str(self._resume_from))
             self.records = read_log(self._resume_from / LOG_FILE)
             step = saved["step"]
         if self.is_main_process:
-            if self._resume_from is None:
-                shutil.rmtree(
-                    self.checkpoints, ignore_errors=True
-                )  # a refused run would have had a whole one
+            if self._resume_from is None:  # then no checkpoint here is whole (else __init__ refused)
+                shutil.rmtree(self.checkpoints, ignore_errors=True)
             for stale in self.checkpoints.glob(f"{STAGING_PREFIX}*"):
                 shutil.rmtree(stale)  # a checkpoint whose write was interrupted
             if self.log_file is not None:
@@ -196,9 +195,8 @@ class TrainingRun:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(
-            str(staging)
-        )  # models (through _save_models), optimizers, schedulers, RNG
+        # The models (through _save_models), optimizers, registered schedulers, every process's RNG.
+        self.accelerator.save_state(str(staging))
         if self.is_main_process:
             write_log(staging / LOG_FILE, self.records)
             (staging / STATE_FILE).write_text(json.dumps({"step": step, "run": self.label}))

@@ -90,3 +90,11 @@ def test_a_run_whose_only_checkpoint_was_interrupted_starts_afresh(tmp_path):
     train_toy(tmp_path)
     assert [record["step"] for record in read_log(tmp_path / LOG_FILE)] == list(range(1, STEPS + 1))
     assert not (tmp_path / CHECKPOINTS_DIR).exists()
+
+
+def test_resume_refuses_a_checkpoint_another_command_wrote(tmp_path):
+    checkpoint = tmp_path / CHECKPOINTS_DIR / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 2, "run": "train-clip"}')
+    with pytest.raises(StorypipeError, match="written by 'train-clip', not by 'toy-loop'"):
+        train_toy(tmp_path, resume=True)
