@@ -9,8 +9,9 @@ Runs unchanged on one CPU, one GPU, or several GPUs under ``accelerate launch``:
 * each optimizer step takes a global batch of ``batch_size x gradient_accumulation_steps x processes``
   samples from a seeded per-epoch permutation, and each process takes its slice of it;
 * on CUDA the base is 4-bit nf4 with bf16 compute (QLoRA); elsewhere it trains in fp32;
-* a checkpoint (adapter, optimizer, scheduler, step, RNG) is written every ``checkpoint_every`` steps,
-  atomically, and ``resume=True`` continues from the newest with the same data order.
+* a checkpoint (adapter, or every weight when pretraining; optimizer, scheduler, RNG, log) is written
+  every ``checkpoint_every`` steps, complete or not at all (``pipeline.training.TrainingRun``), and
+  ``resume=True`` continues from the newest with the same data order.
 
 The output folder is a plain PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
 plus ``config.yaml`` and ``train_log.jsonl`` (loss per step, eval loss on a held-out slice).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +34,8 @@ from peft import (
     get_peft_model,
     get_peft_model_state_dict,
     prepare_model_for_kbit_training,
-    set_peft_model_state_dict,
 )
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
 from llava_ft.config import PRETRAIN_TASK, TASKS, CaptionerConfig, LoraSettings
@@ -45,17 +43,7 @@ from llava_ft.data import ConversationSample, collate, encode_sample, read_conve
 from llava_ft.model import build_tiny_llava, load_llava, resolve_base_model
 from pipeline.config import save_resolved_config
 from pipeline.errors import StorypipeError
-from pipeline.training import (
-    CHECKPOINTS_DIR,
-    LOG_FILE,
-    append_log,
-    global_batch_indices,
-    latest_checkpoint,
-    restore_rng,
-    save_rng,
-    truncate_log,
-    write_checkpoint,
-)
+from pipeline.training import TrainingRun, global_batch_indices
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -92,71 +80,65 @@ def train(run: FinetuneRun) -> Path:
             "use --preset toy, or LoRA-finetune a pretrained base with finetune-llava instead"
         )
     tcfg = cfg.pretrain if run.full_parameters else cfg.train
+    label = f"{'pretrain' if run.full_parameters else 'finetune'}-llava {run.task}"
 
     # 1. Devices and precision: QLoRA (4-bit base, bf16 compute) needs CUDA; the CPU trains in fp32.
-    on_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision if on_cuda else "no", cpu=not on_cuda)
-    quantize = cfg.load_in_4bit and on_cuda
-    torch.manual_seed(tcfg.seed)  # LoRA's initial A matrices and dropout masks draw from this stream
-    checkpoints = run.out_dir / CHECKPOINTS_DIR
-    if not run.resume and checkpoints.exists():
-        raise StorypipeError(
-            f"{run.out_dir} already holds a run; pass --resume to continue it or choose another --out"
+    #    The seed fixes LoRA's initial A matrices and the dropout masks' stream.
+    with TrainingRun(
+        run.out_dir, label, checkpoint_every=tcfg.checkpoint_every, keep_checkpoints=tcfg.keep_checkpoints,
+        resume=run.resume, mixed_precision=tcfg.mixed_precision, seed=tcfg.seed,
+    ) as training:  # fmt: skip
+        accelerator = training.accelerator
+        quantize = cfg.load_in_4bit and training.device.type == "cuda" and not run.full_parameters
+
+        # 2. Data: check every sample up front, then hold out a slice for the eval loss.
+        samples = read_conversations(run.data_file, run.images_dir)
+        train_samples, eval_samples = split_held_out(samples, tcfg.eval_fraction, tcfg.max_eval_samples)
+        global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
+        steps_per_epoch = math.ceil(len(train_samples) / global_batch)
+        total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+
+        # 3. Model: the base, optionally 4-bit, with LoRA on the language model's linear layers only;
+        #    or, pretraining, a freshly built tiny base whose every parameter trains.
+        if run.full_parameters:
+            with tempfile.TemporaryDirectory() as scratch:
+                build_tiny_llava(Path(scratch) / "init", cfg.tiny)
+                model, processor = load_llava(Path(scratch) / "init", device=training.device)
+            model.requires_grad_(True)
+        else:
+            model, processor = load_llava(
+                resolve_base_model(cfg),
+                load_in_4bit=quantize,
+                dtype=torch.bfloat16 if quantize else torch.float32,
+                device=training.device,
+            )
+        if quantize:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        elif cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if not run.full_parameters:
+            model = add_lora(model, cfg.lora)
+        pad_token_id = processor.tokenizer.pad_token_id
+
+        # 4. Optimizer and schedule (stepped once per optimizer step, on every process alike: registered
+        #    for checkpoints, not prepared). A LoRA run's checkpoints keep the adapter only.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, min(tcfg.warmup_steps, total_steps), total_steps
         )
+        model, optimizer = training.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
 
-    # 2. Data: check every sample up front, then hold out a slice for the eval loss.
-    samples = read_conversations(run.data_file, run.images_dir)
-    train_samples, eval_samples = split_held_out(samples, tcfg.eval_fraction, tcfg.max_eval_samples)
-    global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
-    steps_per_epoch = math.ceil(len(train_samples) / global_batch)
-    total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+        # 5. Resume: trainable weights, optimizer, scheduler, RNG and log from the newest checkpoint.
+        start_step = training.start(total_steps)
+        if accelerator.is_main_process:
+            save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, run.out_dir)
 
-    # 3. Model: the base, optionally 4-bit, with LoRA on the language model's linear layers only;
-    #    or, pretraining, a freshly built tiny base whose every parameter trains.
-    if run.full_parameters:
-        quantize = False
-        with tempfile.TemporaryDirectory() as scratch:
-            build_tiny_llava(Path(scratch) / "init", cfg.tiny)
-            model, processor = load_llava(Path(scratch) / "init", device=accelerator.device)
-        model.requires_grad_(True)
-    else:
-        model, processor = load_llava(
-            resolve_base_model(cfg),
-            load_in_4bit=quantize,
-            dtype=torch.bfloat16 if quantize else torch.float32,
-            device=accelerator.device,
-        )
-    if quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    if not run.full_parameters:
-        model = add_lora(model, cfg.lora)
-    pad_token_id = processor.tokenizer.pad_token_id
-
-    # 4. Optimizer and schedule (stepped once per optimizer step, on every process alike).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, total_steps), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # 5. Resume: adapter weights, optimizer, scheduler, step and RNG from the newest checkpoint.
-    start_step = 0
-    if run.resume:
-        start_step = load_checkpoint(checkpoints, accelerator, model, optimizer, scheduler)
-        truncate_log(run.out_dir / LOG_FILE, after_step=start_step)
-    if accelerator.is_main_process:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, run.out_dir)
-
-    # 6. The loop. Step s trains on batch s of the seeded order, whatever happened before it.
-    progress = Progress(
-        TextColumn(f"finetune-llava {run.task}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"), disable=not accelerator.is_main_process,
-    )  # fmt: skip
-    with progress:
-        bar = progress.add_task("train", total=total_steps, completed=start_step, status="")
+        # 6. The loop. Step s trains on batch s of the seeded order, whatever happened before it.
         for step in range(start_step, total_steps):
             model.train()
             indices = global_batch_indices(step, len(train_samples), global_batch, tcfg.seed)
@@ -187,25 +169,19 @@ def train(run: FinetuneRun) -> Path:
                 record["eval_loss"] = evaluate(
                     model, processor, eval_samples, tcfg.batch_size, pad_token_id, accelerator
                 )
-            if accelerator.is_main_process:
-                append_log(run.out_dir / LOG_FILE, record)
-            if done % tcfg.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(
-                    checkpoints, done, accelerator, model, optimizer, scheduler, tcfg.keep_checkpoints
-                )
-            progress.update(bar, completed=done, status=f"loss {record['loss']:.4f}")
+            training.log(record)
+            training.maybe_checkpoint(done)
 
-    # 7. Save the adapter as a plain PEFT folder and check it really holds the trained weights
-    #    (pretraining: the whole model and its processor, a folder `load_llava` reads).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(run.out_dir)
-        if run.full_parameters:
-            processor.save_pretrained(run.out_dir)
-        else:
-            verify_adapter(run.out_dir, accelerator.unwrap_model(model))
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; the adapter supersedes them
-    accelerator.wait_for_everyone()
+        # 7. Save the adapter as a plain PEFT folder and check it really holds the trained weights
+        #    (pretraining: the whole model and its processor, a folder `load_llava` reads).
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(run.out_dir)
+            if run.full_parameters:
+                processor.save_pretrained(run.out_dir)
+            else:
+                verify_adapter(run.out_dir, accelerator.unwrap_model(model))
+        training.finish()  # the run is complete; the adapter supersedes the checkpoints
     return run.out_dir
 
 
@@ -258,42 +234,6 @@ def evaluate(
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train()
     return (total / count.clamp(min=1)).item()
-
-
-def save_checkpoint(
-    folder: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler, keep: int
-) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-
-        def write(staging: Path) -> None:
-            save_file(trainable_state(accelerator.unwrap_model(model)), str(staging / ADAPTER_WEIGHTS))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-
-        write_checkpoint(folder, step, write, keep)
-    accelerator.wait_for_everyone()
-    save_rng(folder / f"step_{step:08d}", accelerator.process_index)
-
-
-def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
-    latest, step = latest_checkpoint(folder)
-    unwrapped, saved = accelerator.unwrap_model(model), load_file(str(latest / ADAPTER_WEIGHTS))
-    if isinstance(unwrapped, PeftModel):
-        set_peft_model_state_dict(unwrapped, saved)
-    else:
-        unwrapped.load_state_dict(saved)
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
-    restore_rng(latest, accelerator.process_index)
-    return step
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps: the adapter's tensors, or every tensor of a model trained in full."""
-    if isinstance(model, PeftModel):
-        return get_peft_model_state_dict(model)
-    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
 
 
 def verify_adapter(folder: Path, model) -> None:

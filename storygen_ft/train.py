@@ -11,40 +11,28 @@ dropped with ``text_dropout``, references with ``reference_dropout`` (blank imag
 both guidance scales have an unconditional branch to work against (StoryGen's recipe).
 
 Every random choice of step s (which references, dropout, noise, timesteps) comes from a generator
-seeded by (seed, step, process): a resumed run repeats exactly the steps it would have run.
+seeded by ``derive_seed(seed, "storygen step", s, process)``, and the batch from the seeded data order: a
+resumed run (``pipeline.training.TrainingRun`` checkpoints: trainable tensors only, optimizer, scheduler,
+log) repeats exactly the steps it would have run.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 from transformers import get_constant_schedule_with_warmup
 
 from pipeline.config import save_resolved_config
 from pipeline.data.vist import VistFrame, VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import ImageDecodeError, load_rgb
-from pipeline.training import (
-    CHECKPOINTS_DIR,
-    LOG_FILE,
-    append_log,
-    global_batch_indices,
-    latest_checkpoint,
-    truncate_log,
-    write_checkpoint,
-)
+from pipeline.training import TrainingRun, global_batch_indices, seeded_generator
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
-
-TRAINABLE_WEIGHTS = "trainable.safetensors"
 
 
 @dataclass
@@ -65,94 +53,77 @@ class Example:
 
 def train(run: StoryGenRun) -> Path:
     cfg, tcfg = run.generator, run.generator.train
-    out_dir, checkpoints = Path(run.out_dir), Path(run.out_dir) / CHECKPOINTS_DIR
+    out_dir = Path(run.out_dir)
     if cfg.max_references < 1:
         raise StorypipeError("generator.max_references must be >= 1 to train the context layers")
-    if not run.resume and checkpoints.exists():
-        raise StorypipeError(
-            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
 
     # 1. Devices and precision: mixed precision and 8-bit Adam on CUDA; fp32 on the CPU.
-    on_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision if on_cuda else "no", cpu=not on_cuda)
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-    torch.manual_seed(tcfg.seed)
-
-    # 2. Data: every frame k >= 1 of every structurally usable story (images decode lazily, per batch).
-    vist = load_vist_split(run.data_dir, run.split)
-    examples = [Example(story, k) for story in vist.stories for k in range(1, len(story.frames))]
-    if not examples:
-        raise DataError(
-            f"no usable story in split {run.split!r} of {run.data_dir}: " + "; ".join(vist.drop_report())
+    with TrainingRun(
+        out_dir, "finetune-storygen", checkpoint_every=tcfg.checkpoint_every,
+        keep_checkpoints=tcfg.keep_checkpoints, resume=run.resume, mixed_precision=tcfg.mixed_precision,
+        seed=tcfg.seed,
+    ) as training:  # fmt: skip
+        accelerator = training.accelerator
+        frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
         )
-    global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
 
-    # 3. Model: frozen SD components (in the mixed-precision dtype), trainable context layers in fp32.
-    model = StoryDiffusion.from_pretrained(
-        resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
-    )
-    for component in (model.vae, model.text_encoder, model.unet):
-        component.to(accelerator.device)
-        if frozen_dtype != torch.float32:
-            component.to(frozen_dtype)
-    model.context_layers.to(accelerator.device).requires_grad_(True)
-    if tcfg.unet_lora_rank is not None:
-        from peft import LoraConfig
+        # 2. Data: every frame k >= 1 of every structurally usable story (images decode lazily, per batch).
+        vist = load_vist_split(run.data_dir, run.split)
+        examples = [Example(story, k) for story in vist.stories for k in range(1, len(story.frames))]
+        if not examples:
+            raise DataError(
+                f"no usable story in split {run.split!r} of {run.data_dir}: " + "; ".join(vist.drop_report())
+            )
+        global_batch = tcfg.batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes
 
-        lora = LoraConfig(
-            r=tcfg.unet_lora_rank,
-            lora_alpha=tcfg.unet_lora_rank,
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        # 3. Model: frozen SD components (in the mixed-precision dtype), trainable context layers in fp32.
+        model = StoryDiffusion.from_pretrained(
+            resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
         )
-        model.unet.add_adapter(lora)
-        for parameter in model.unet.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()  # trainable weights stay fp32 under fp16 autocast
-    if tcfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        for component in (model.vae, model.text_encoder, model.unet):
+            component.to(accelerator.device)
+            if frozen_dtype != torch.float32:
+                component.to(frozen_dtype)
+        model.context_layers.to(accelerator.device).requires_grad_(True)
+        if tcfg.unet_lora_rank is not None:
+            from peft import LoraConfig
 
-    # 4. Optimizer and schedule.
-    if on_cuda and tcfg.use_8bit_adam:
-        import bitsandbytes as bnb
+            lora = LoraConfig(
+                r=tcfg.unet_lora_rank,
+                lora_alpha=tcfg.unet_lora_rank,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+            model.unet.add_adapter(lora)
+            for parameter in model.unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()  # trainable weights stay fp32 under fp16 autocast
+        if tcfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        trainable = [p for p in model.parameters() if p.requires_grad]
 
-        optimizer = bnb.optim.AdamW8bit(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, tcfg.max_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    story_model: StoryDiffusion = accelerator.unwrap_model(model)
+        # 4. Optimizer and schedule (registered for checkpoints, not prepared: it steps once per step).
+        #    Checkpoints keep the trainable tensors only, never the frozen SD components.
+        if training.device.type == "cuda" and tcfg.use_8bit_adam:
+            import bitsandbytes as bnb
 
-    # 5. Resume from the newest checkpoint.
-    start_step = 0
-    if run.resume:
-        latest, start_step = latest_checkpoint(checkpoints)
-        trainable_state = load_file(str(latest / TRAINABLE_WEIGHTS))
-        for name, parameter in story_model.named_parameters():
-            if parameter.requires_grad:
-                parameter.data.copy_(trainable_state[name])
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
-        truncate_log(out_dir / LOG_FILE, after_step=start_step)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, out_dir)
+            optimizer = bnb.optim.AdamW8bit(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        scheduler = get_constant_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, tcfg.max_steps))
+        model, optimizer = training.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        story_model: StoryDiffusion = accelerator.unwrap_model(model)
 
-    # 6. The loop.
-    progress = Progress(
-        TextColumn("finetune-storygen"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"), disable=not accelerator.is_main_process,
-    )  # fmt: skip
-    with progress:
-        bar = progress.add_task("train", total=tcfg.max_steps, completed=start_step, status="")
+        # 5. Resume from the newest checkpoint.
+        start_step = training.start(tcfg.max_steps)
+        if accelerator.is_main_process:
+            save_resolved_config(run.resolved_config if run.resolved_config is not None else cfg, out_dir)
+
+        # 6. The loop. Every random choice of step s comes from a generator of (seed, s, process).
         for step in range(start_step, tcfg.max_steps):
             model.train()
-            rng = torch.Generator().manual_seed(
-                tcfg.seed * 1_000_003 + step * 1_009 + accelerator.process_index
-            )
+            rng = seeded_generator(tcfg.seed, "storygen step", step, accelerator.process_index)
             indices = global_batch_indices(step, len(examples), global_batch, tcfg.seed)
             local = indices[accelerator.process_index :: accelerator.num_processes]
             micro_batches = [local[i : i + tcfg.batch_size] for i in range(0, len(local), tcfg.batch_size)]
@@ -173,47 +144,27 @@ def train(run: StoryGenRun) -> Path:
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            record = {
-                "step": done,
-                "loss": accelerator.reduce(step_loss, "mean").item(),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            if accelerator.is_main_process:
-                append_log(out_dir / LOG_FILE, record)
-            if done % tcfg.checkpoint_every == 0 and done < tcfg.max_steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    write_checkpoint(
-                        checkpoints,
-                        done,
-                        lambda folder: save_training_state(story_model, optimizer, scheduler, folder),
-                        tcfg.keep_checkpoints,
-                    )
-                accelerator.wait_for_everyone()
-            progress.update(bar, completed=done, status=f"loss {record['loss']:.4f}")
+            training.log(
+                {
+                    "step": done,
+                    "loss": accelerator.reduce(step_loss, "mean").item(),
+                    "lr": scheduler.get_last_lr()[0],
+                }
+            )
+            training.maybe_checkpoint(done)
 
-    # 7. Save a folder that loads with StoryDiffusion.from_pretrained(out_dir).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if tcfg.unet_lora_rank is not None:
-            story_model.unet.fuse_lora()  # bake the LoRA in, so the UNet folder stays plain SD 1.5
-            story_model.unet.unload_lora()
-        if frozen_dtype != torch.float32:
-            for component in (story_model.vae, story_model.text_encoder, story_model.unet):
-                component.to(torch.float32)
-        story_model.save_pretrained(out_dir)
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished model supersedes them
-    accelerator.wait_for_everyone()
+        # 7. Save a folder that loads with StoryDiffusion.from_pretrained(out_dir).
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if tcfg.unet_lora_rank is not None:
+                story_model.unet.fuse_lora()  # bake the LoRA in, so the UNet folder stays plain SD 1.5
+                story_model.unet.unload_lora()
+            if frozen_dtype != torch.float32:
+                for component in (story_model.vae, story_model.text_encoder, story_model.unet):
+                    component.to(torch.float32)
+            story_model.save_pretrained(out_dir)
+        training.finish()  # the finished model supersedes the checkpoints
     return out_dir
-
-
-def save_training_state(model: StoryDiffusion, optimizer, scheduler, folder: Path) -> None:
-    trainable = {
-        name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad
-    }
-    save_file(trainable, str(folder / TRAINABLE_WEIGHTS))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
 
 
 def frame_description(frame: VistFrame) -> str:

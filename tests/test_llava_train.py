@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from llava_ft import train as train_module
 from llava_ft.config import LoraSettings
 from llava_ft.data import IGNORE_INDEX, encode_sample, read_conversations
 from llava_ft.model import load_llava
 from llava_ft.train import FinetuneRun, add_lora, train
 from pipeline.errors import DataError, StorypipeError
 from pipeline.training import global_batch_indices, read_log
+from tests.crash import crash_after_step
 from tests.llava_fixtures import DESCRIPTIONS, tiny_captioner_config
 
 
@@ -60,21 +60,15 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(
     train(FinetuneRun(cfg, "story", data, images, tmp_path / "straight"))
     expected = read_log(tmp_path / "straight" / "train_log.jsonl")
 
-    real_append = train_module.append_log
-
-    def crash_at_step_5(path, record):
-        real_append(path, record)
-        if record["step"] == 5:
-            raise KeyboardInterrupt  # killed after step 5; the newest checkpoint is step 4
-
-    monkeypatch.setattr(train_module, "append_log", crash_at_step_5)
+    crash_after_step(monkeypatch, 5)  # killed after step 5; the newest checkpoint is step 4
     with pytest.raises(KeyboardInterrupt):
         train(FinetuneRun(cfg, "story", data, images, tmp_path / "resumed"))
-    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
-        "step_00000002",
-        "step_00000004",
-    ]
-    monkeypatch.setattr(train_module, "append_log", real_append)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    # A checkpoint keeps the adapter, never the frozen base.
+    saved = torch.load(checkpoints / "step_00000004" / "model_0.pt", weights_only=True)
+    assert saved and all("lora_" in name for name in saved), sorted(saved)
+    monkeypatch.undo()
     with pytest.raises(StorypipeError, match="already holds a run; pass --resume"):
         train(FinetuneRun(cfg, "story", data, images, tmp_path / "resumed"))
     train(FinetuneRun(cfg, "story", data, images, tmp_path / "resumed", resume=True))

@@ -12,11 +12,11 @@ from pipeline.data.shapestories import generate_shapestories
 from pipeline.data.vist import load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.training import read_log
-from storygen_ft import train as train_module
 from storygen_ft.config import GeneratorConfig, GeneratorTrainConfig
 from storygen_ft.generator import FrameGenerator
 from storygen_ft.model import StoryDiffusion
 from storygen_ft.train import Example, StoryGenRun, make_batch, train
+from tests.crash import crash_after_step
 from tests.test_storygen import REFERENCE_TEXTS, REFERENCES
 
 
@@ -91,17 +91,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(
     train(StoryGenRun(cfg, toy_stories, tmp_path / "straight"))
     expected = read_log(tmp_path / "straight" / "train_log.jsonl")
 
-    real_append = train_module.append_log
-
-    def crash_at_step_3(path, record):
-        real_append(path, record)
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "append_log", crash_at_step_3)
+    crash_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(StoryGenRun(cfg, toy_stories, tmp_path / "resumed"))
-    monkeypatch.setattr(train_module, "append_log", real_append)
+    # The checkpoint keeps the trainable context layers, never the frozen SD components.
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    saved = torch.load(checkpoint / "model_0.pt", weights_only=True)
+    assert saved and all(name.startswith("context_layers.") for name in saved), sorted(saved)
+    monkeypatch.undo()
     train(StoryGenRun(cfg, toy_stories, tmp_path / "resumed", resume=True))
     resumed = read_log(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -15,11 +15,11 @@ from llava_ft.model import build_tiny_llava, load_llava
 from llava_ft.train import FinetuneRun, train
 from pipeline.errors import StorypipeError
 from pipeline.training import read_log
-from storygen_ft import pretrain as pretrain_module
 from storygen_ft.config import GeneratorConfig, GeneratorPretrainConfig, TinyDiffusionSettings
 from storygen_ft.model import STORY_MODEL_FILE, StoryDiffusion
 from storygen_ft.pretrain import PretrainRun, pretrain
 from storypipe.cli import app
+from tests.crash import crash_after_step
 from tests.llava_fixtures import tiny_captioner_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,17 +100,10 @@ def test_pretrain_diffusion_resumes_after_a_crash_with_the_uninterrupted_losses(
     straight = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "straight"))
     expected = read_log(straight / "train_log.jsonl")
 
-    real_append = pretrain_module.append_log
-
-    def crash(path, record):
-        real_append(path, record)
-        if record["step"] == crash_step:
-            raise KeyboardInterrupt  # killed after this step; the newest checkpoint is the step before
-
-    monkeypatch.setattr(pretrain_module, "append_log", crash)
+    crash_after_step(monkeypatch, crash_step)  # the newest checkpoint is the step before
     with pytest.raises(KeyboardInterrupt):
         pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed"))
-    monkeypatch.setattr(pretrain_module, "append_log", real_append)
+    monkeypatch.undo()
     with pytest.raises(StorypipeError, match="pass --resume"):
         pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed"))
     resumed_dir = pretrain(PretrainRun(cfg, toy_stories, tmp_path / "resumed", resume=True))

@@ -8,15 +8,16 @@ The output is a plain CLIP folder: ``CLIPModel.from_pretrained(out)`` and ``CLIP
 (out)`` load it, and so do ``CLIPTextModel.from_pretrained(out)`` (the text tower alone: its config is
 read from ``text_config``, and the vision weights are skipped) and ``AutoTokenizer.from_pretrained(out)``.
 Beside the model: ``config.yaml`` (the resolved config), ``clip_metrics.json`` and ``train_log.jsonl``.
+While it trains, the folder holds only ``checkpoints/`` (``pipeline.training.TrainingRun``); a killed run
+resumes from the newest with ``resume=True`` and ends exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,17 @@ from torch.nn import functional as F
 from transformers import CLIPModel, CLIPProcessor
 
 from eval.image_metrics import pooled_features
-from pipeline.config import save_resolved_config
 from pipeline.data.vist import load_vist_split, sis_path
-from pipeline.errors import DataError, StorypipeError
-from pipeline.io import atomic_write_folder, atomic_write_json
-from pipeline.training import LOG_FILE, cpu_threads, warmup_cosine_schedule
+from pipeline.errors import DataError
+from pipeline.training import (
+    TrainingRun,
+    global_batch_indices,
+    seeded_generator,
+    warmup_cosine_schedule,
+)
 from toy.builders import build_tiny_clip
 from toy.config import ClipTrainConfig
+from toy.run_folder import refuse_foreign_folder, write_model_folder
 
 METRICS_FILE = "clip_metrics.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature so logits are scaled by at most 100
@@ -187,117 +192,98 @@ def train_clip(
     data_dir: str | Path,
     out_dir: str | Path,
     cfg: ClipTrainConfig,
-    progress: Callable[[int, int], None] | None = None,
     resolved_config: Any | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train a tiny CLIP from scratch on the train split's (frame, description) pairs; return its metrics.
 
     Validation uses the ``val`` split when the folder has usable frames there, else a seeded
-    ``cfg.val_fraction`` of the train frames, held out. ``progress(step, total)`` is called after each
-    optimizer step. ``out_dir`` is written atomically at the end (model, processor, ``config.yaml`` with
-    ``resolved_config`` or else ``cfg``, metrics, log); an existing ``out_dir`` that is not an earlier
-    CLIP run is refused rather than replaced.
+    ``cfg.val_fraction`` of the train frames, held out. While training, only ``out_dir/checkpoints``
+    is written (every ``cfg.checkpoint_every`` steps; ``resume=True`` continues from the newest, exactly
+    as the uninterrupted run). At the end ``out_dir`` is written atomically (model, processor,
+    ``config.yaml`` with ``resolved_config`` or else ``cfg``, metrics, log); an existing ``out_dir`` that
+    is neither an earlier nor an interrupted CLIP run is refused rather than replaced.
     """
-    with cpu_threads(None if torch.cuda.is_available() else cfg.cpu_threads):
-        return _train_clip(data_dir, out_dir, cfg, progress, resolved_config)
-
-
-def _train_clip(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    cfg: ClipTrainConfig,
-    progress: Callable[[int, int], None] | None,
-    resolved_config: Any | None,
-) -> dict[str, Any]:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
-        raise StorypipeError(
-            f"{out_dir} is not empty and holds no earlier train-clip run; choose another output folder"
-        )
+    refuse_foreign_folder(out_dir, METRICS_FILE, "train-clip")
 
-    # 1. A fresh tiny CLIP (weights from the seed), then the data, processed once.
-    with tempfile.TemporaryDirectory(prefix="tiny-clip-") as staging:
-        build_tiny_clip(Path(staging) / "clip", seed=cfg.seed)
-        model = CLIPModel.from_pretrained(Path(staging) / "clip")
-        processor = CLIPProcessor.from_pretrained(Path(staging) / "clip")
-    pairs = collect_pairs(data_dir, "train", processor)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    val_pairs = collect_pairs(data_dir, "val", processor) if sis_path(data_dir, "val").is_file() else None
-    has_val = val_pairs is not None and len(val_pairs) >= 2
-    if len(pairs) < (2 if has_val else 4):  # a contrastive batch, and without a val split 2 frames more
-        raise DataError(
-            f"split 'train' of {data_dir} has {len(pairs)} usable frame(s); CLIP training needs at least 2, "
-            "and 4 when there is no val split to validate on (`storypipe toy-data --out DIR` writes ShapeStories)"
-        )
-    if has_val:
-        train_pairs, validation = pairs, "the val split"
-    else:
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        held_out = min(max(2, round(len(pairs) * cfg.val_fraction)), len(pairs) - 2)
-        val_pairs, train_pairs = (
-            subset(pairs, sorted(order[:held_out])),
-            subset(pairs, sorted(order[held_out:])),
-        )
-        validation = f"{held_out} held-out frames of train"
+    with TrainingRun(
+        out_dir, "train-clip", checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        resume=resume, cpu_threads=cfg.cpu_threads, log_file=False,
+    ) as training:  # fmt: skip
+        # 1. A fresh tiny CLIP (weights from the seed), then the data, processed once.
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-") as staging:
+            build_tiny_clip(Path(staging) / "clip", seed=cfg.seed)
+            model = CLIPModel.from_pretrained(Path(staging) / "clip")
+            processor = CLIPProcessor.from_pretrained(Path(staging) / "clip")
+        pairs = collect_pairs(data_dir, "train", processor)
+        val_pairs = collect_pairs(data_dir, "val", processor) if sis_path(data_dir, "val").is_file() else None
+        has_val = val_pairs is not None and len(val_pairs) >= 2
+        if len(pairs) < (2 if has_val else 4):  # a contrastive batch, and without a val split 2 frames more
+            raise DataError(
+                f"split 'train' of {data_dir} has {len(pairs)} usable frame(s); CLIP training needs at least "
+                "2, and 4 when there is no val split to validate on (`storypipe toy-data --out DIR` writes "
+                "ShapeStories)"
+            )
+        if has_val:
+            train_pairs, validation = pairs, "the val split"
+        else:
+            generator = seeded_generator(cfg.seed, "held-out frames")
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+            held_out = min(max(2, round(len(pairs) * cfg.val_fraction)), len(pairs) - 2)
+            val_pairs, train_pairs = (
+                subset(pairs, sorted(order[:held_out])),
+                subset(pairs, sorted(order[held_out:])),
+            )
+            validation = f"{held_out} held-out frames of train"
 
-    # 2. AdamW on every parameter, linear warm-up then cosine decay.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
-    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    batch_size = min(cfg.batch_size, len(train_pairs))
-    before = retrieval_accuracy(model, val_pairs, cfg.batch_size)
+        # 2. AdamW on every parameter, linear warm-up then cosine decay.
+        model.to(training.device).train()
+        optimizer = torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
+        batch_size = min(cfg.batch_size, len(train_pairs))
+        before = retrieval_accuracy(model, val_pairs, cfg.batch_size)
+        model, optimizer = training.prepare(model, optimizer)
+        training.accelerator.register_for_checkpointing(scheduler)
+        start_step = training.start(cfg.max_steps)
 
-    # 3. The loop: a fresh seeded permutation whenever the previous one runs out.
-    log: list[dict[str, Any]] = []
-    order = torch.randperm(len(train_pairs), generator=generator)
-    position = 0
-    for step in range(cfg.max_steps):
-        if position + batch_size > len(train_pairs):
-            order, position = torch.randperm(len(train_pairs), generator=generator), 0
-        rows = order[position : position + batch_size]  # (B,)
-        position += batch_size
-        text, image = embed(model, train_pairs, rows)  # (B, D), (B, D)
-        loss = contrastive_loss(text, image, model.logit_scale, train_pairs.text_index[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        log.append({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                    "logit_scale": model.logit_scale.exp().item()})  # fmt: skip
-        if progress is not None:
-            progress(step + 1, cfg.max_steps)
+        # 3. The loop: step s trains on batch s of the seeded per-epoch order.
+        for step in range(start_step, cfg.max_steps):
+            rows = torch.tensor(global_batch_indices(step, len(train_pairs), batch_size, cfg.seed))  # (B,)
+            text, image = embed(model, train_pairs, rows)  # (B, D), (B, D)
+            loss = contrastive_loss(text, image, model.logit_scale, train_pairs.text_index[rows])
+            optimizer.zero_grad(set_to_none=True)
+            training.accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+            training.log({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                          "logit_scale": model.logit_scale.exp().item()})  # fmt: skip
+            training.maybe_checkpoint(step + 1)
 
-    # 4. Validate and save, all at once.
-    after = retrieval_accuracy(model, val_pairs, cfg.batch_size)
-    tail = [record["loss"] for record in log[-10:]]
-    metrics = {
-        "train_frames": len(train_pairs),
-        "val_frames": len(val_pairs),
-        "validation": validation,
-        "steps": cfg.max_steps,
-        "first_loss": log[0]["loss"],
-        "final_loss": sum(tail) / len(tail),  # mean of the last 10 steps
-        "val_text_to_image_top1": after["text_to_image_top1"],
-        "val_image_to_text_top1": after["image_to_text_top1"],
-        "val_chance": after["chance"],
-        "val_pool": min(cfg.batch_size, len(val_pairs)),
-        "untrained_val_text_to_image_top1": before["text_to_image_top1"],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    model.cpu().eval()
+        # 4. Validate and save, all at once.
+        after = retrieval_accuracy(model, val_pairs, cfg.batch_size)
+        log = training.records
+        tail = [record["loss"] for record in log[-10:]]
+        metrics = {
+            "train_frames": len(train_pairs),
+            "val_frames": len(val_pairs),
+            "validation": validation,
+            "steps": cfg.max_steps,
+            "first_loss": log[0]["loss"],
+            "final_loss": sum(tail) / len(tail),  # mean of the last 10 steps
+            "val_text_to_image_top1": after["text_to_image_top1"],
+            "val_image_to_text_top1": after["image_to_text_top1"],
+            "val_chance": after["chance"],
+            "val_pool": min(cfg.batch_size, len(val_pairs)),
+            "untrained_val_text_to_image_top1": before["text_to_image_top1"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        model.cpu().eval()
 
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        save_resolved_config(resolved_config if resolved_config is not None else cfg, staging)
-        (staging / LOG_FILE).write_text(
-            "".join(json.dumps(record) + "\n" for record in log), encoding="utf-8"
-        )
-        atomic_write_json(staging / METRICS_FILE, metrics)
-
-    atomic_write_folder(out_dir, write)
+        config = resolved_config if resolved_config is not None else cfg
+        write_model_folder(out_dir, model, processor, config, log, METRICS_FILE, metrics)
+        training.finish()
     return metrics

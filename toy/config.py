@@ -22,6 +22,8 @@ class ClassifierTrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.1  # frames held out when the data has no labelled `val` split
     horizontal_flip: bool = True  # mirror half the training images (labels do not depend on left/right)
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; a killed run resumes from the newest
+    keep_checkpoints: int = 2  # the newest ones kept while training; a finished run keeps none
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +45,8 @@ class ClassifierTrainConfig:
             (self.learning_rate > 0, "learning_rate", "must be positive"),
             (self.weight_decay >= 0, "weight_decay", "must be non-negative"),
             (0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
         ]
         validate(self, checks)
 
@@ -64,6 +68,8 @@ class ClipTrainConfig:
     # torch CPU threads while training (None: torch's default). One is fastest for a model this small, and
     # far faster when another process keeps a core busy.
     cpu_threads: int | None = 1
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; a killed run resumes from the newest
+    keep_checkpoints: int = 2  # the newest ones kept while training; a finished run keeps none
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +91,8 @@ class ClipTrainConfig:
                     "cpu_threads",
                     "must be at least 1 (or null)",
                 ),
+                (self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1"),
+                (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
             ],
         )
 
@@ -104,6 +112,8 @@ class TextBaselineTrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20  # capped at max_steps
     cpu_threads: int | None = 1  # torch CPU threads while training (None: torch's default), as clip_training
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; a killed run resumes from the newest
+    keep_checkpoints: int = 2  # the newest ones kept while training; a finished run keeps none
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,5 +130,7 @@ class TextBaselineTrainConfig:
                     "cpu_threads",
                     "must be at least 1 (or null)",
                 ),
+                (self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1"),
+                (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
             ],
         )

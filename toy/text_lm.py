@@ -11,16 +11,17 @@ Every prefix that ends after a caption's newline is exactly the baseline's promp
 The loss covers every token; padding is masked.
 
 The output is a plain model folder (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), with
-``config.yaml``, ``text_baseline_metrics.json`` and ``train_log.jsonl`` beside it.
+``config.yaml``, ``text_baseline_metrics.json`` and ``train_log.jsonl`` beside it. While it trains, the
+folder holds only ``checkpoints/`` (``pipeline.training.TrainingRun``); a killed run resumes from the
+newest with ``resume=True`` and ends exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.baselines import STORY_PROMPT, TextOnlyBaseline
-from pipeline.config import save_resolved_config
 from pipeline.data.vist import load_vist_split, sis_path
-from pipeline.errors import DataError, StorypipeError
-from pipeline.io import atomic_write_folder, atomic_write_json
-from pipeline.training import LOG_FILE, cpu_threads, warmup_cosine_schedule
+from pipeline.errors import DataError
+from pipeline.training import (
+    TrainingRun,
+    global_batch_indices,
+    warmup_cosine_schedule,
+)
 from toy.builders import build_tiny_causal_lm
 from toy.config import TextBaselineTrainConfig
+from toy.run_folder import refuse_foreign_folder, write_model_folder
 
 METRICS_FILE = "text_baseline_metrics.json"
 IGNORE_INDEX = -100  # label of padding positions (the transformers convention)
@@ -94,100 +98,85 @@ def train_text_baseline(
     data_dir: str | Path,
     out_dir: str | Path,
     cfg: TextBaselineTrainConfig,
-    progress: Callable[[int, int], None] | None = None,
     resolved_config: Any | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train the tiny causal LM on the train split's story captions; return its metrics.
 
-    The ``val`` split, when it has stories, gives a held-out loss and a sample continuation.
-    ``progress(step, total)`` is called after each optimizer step. ``out_dir`` is written atomically at
-    the end; an existing ``out_dir`` that is not an earlier run of this function is refused.
+    The ``val`` split, when it has stories, gives a held-out loss and a sample continuation. While
+    training, only ``out_dir/checkpoints`` is written (every ``cfg.checkpoint_every`` steps;
+    ``resume=True`` continues from the newest, exactly as the uninterrupted run). ``out_dir`` is written
+    atomically at the end; an existing ``out_dir`` that is neither an earlier nor an interrupted run of
+    this function is refused.
     """
-    with cpu_threads(None if torch.cuda.is_available() else cfg.cpu_threads):
-        return _train_text_baseline(data_dir, out_dir, cfg, progress, resolved_config)
-
-
-def _train_text_baseline(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    cfg: TextBaselineTrainConfig,
-    progress: Callable[[int, int], None] | None,
-    resolved_config: Any | None,
-) -> dict[str, Any]:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
-        raise StorypipeError(
-            f"{out_dir} is not empty and holds no earlier train-text-baseline run; choose another output folder"
+    refuse_foreign_folder(out_dir, METRICS_FILE, "train-text-baseline")
+
+    with TrainingRun(
+        out_dir, "train-text-baseline", checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, resume=resume, cpu_threads=cfg.cpu_threads, log_file=False,
+    ) as training:  # fmt: skip
+        # 1. A fresh tiny LM (weights from the seed) and its tokenizer; the stories as token ids.
+        with tempfile.TemporaryDirectory(prefix="tiny-lm-") as staging:
+            build_tiny_causal_lm(Path(staging) / "lm", seed=cfg.seed)
+            tokenizer = AutoTokenizer.from_pretrained(Path(staging) / "lm")
+            model = AutoModelForCausalLM.from_pretrained(Path(staging) / "lm")
+        texts = load_story_texts(data_dir, "train")
+        if not texts:
+            raise DataError(
+                f"split 'train' of {data_dir} has no usable story; the text baseline learns from story "
+                "captions (`storypipe toy-data --out DIR` writes ShapeStories)"
+            )
+        val_texts = load_story_texts(data_dir, "val") if sis_path(data_dir, "val").is_file() else []
+        max_length = model.config.max_position_embeddings
+        input_ids, labels = tokenize_stories(tokenizer, texts, max_length)  # (S, T), (S, T)
+        val_ids, val_labels = (
+            tokenize_stories(tokenizer, val_texts, max_length) if val_texts else (None, None)
         )
 
-    # 1. A fresh tiny LM (weights from the seed) and its tokenizer; the stories as token ids.
-    with tempfile.TemporaryDirectory(prefix="tiny-lm-") as staging:
-        build_tiny_causal_lm(Path(staging) / "lm", seed=cfg.seed)
-        tokenizer = AutoTokenizer.from_pretrained(Path(staging) / "lm")
-        model = AutoModelForCausalLM.from_pretrained(Path(staging) / "lm")
-    texts = load_story_texts(data_dir, "train")
-    if not texts:
-        raise DataError(
-            f"split 'train' of {data_dir} has no usable story; the text baseline learns from story captions "
-            "(`storypipe toy-data --out DIR` writes ShapeStories)"
-        )
-    val_texts = load_story_texts(data_dir, "val") if sis_path(data_dir, "val").is_file() else []
-    max_length = model.config.max_position_embeddings
-    input_ids, labels = tokenize_stories(tokenizer, texts, max_length)  # (S, T), (S, T)
-    val_ids, val_labels = tokenize_stories(tokenizer, val_texts, max_length) if val_texts else (None, None)
+        # 2. AdamW on every parameter, linear warm-up then cosine decay.
+        model.to(training.device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
+        batch_size = min(cfg.batch_size, len(texts))
+        model, optimizer = training.prepare(model, optimizer)
+        training.accelerator.register_for_checkpointing(scheduler)
+        start_step = training.start(cfg.max_steps)
 
-    # 2. AdamW on every parameter, linear warm-up then cosine decay.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batch_size = min(cfg.batch_size, len(texts))
+        # 3. The loop: step s trains on batch s of the seeded per-epoch order.
+        for step in range(start_step, cfg.max_steps):
+            rows = torch.tensor(global_batch_indices(step, len(texts), batch_size, cfg.seed))  # (B,)
+            ids, mask, target = _batch(input_ids, labels, rows, training.device)  # (B, t) each
+            loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+            optimizer.zero_grad(set_to_none=True)
+            training.accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            training.log({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+            training.maybe_checkpoint(step + 1)
 
-    # 3. The loop: a fresh seeded permutation whenever the previous one runs out.
-    log: list[dict[str, Any]] = []
-    order, position = torch.randperm(len(texts), generator=generator), 0
-    for step in range(cfg.max_steps):
-        if position + batch_size > len(texts):
-            order, position = torch.randperm(len(texts), generator=generator), 0
-        rows = order[position : position + batch_size]  # (B,)
-        position += batch_size
-        ids, mask, target = _batch(input_ids, labels, rows, device)  # (B, t) each
-        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        log.append({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-        if progress is not None:
-            progress(step + 1, cfg.max_steps)
+        # 4. Validate (held-out loss, one sample continuation) and save, all at once.
+        model.eval()
+        log = training.records
+        tail = [record["loss"] for record in log[-10:]]
+        metrics: dict[str, Any] = {
+            "train_stories": len(texts),
+            "steps": cfg.max_steps,
+            "first_loss": log[0]["loss"],
+            "final_loss": sum(tail) / len(tail),  # mean of the last 10 steps
+            "val_stories": len(val_texts),
+            "val_loss": mean_loss(model, val_ids, val_labels, cfg.batch_size)
+            if val_ids is not None
+            else None,
+        }
+        sample_story = load_vist_split(data_dir, "val" if val_texts else "train").stories[0]
+        prompt = [frame.story_caption for frame in sample_story.frames[:2]]
+        metrics["sample"] = {"previous": prompt, "next": TextOnlyBaseline(model, tokenizer)(prompt)}
+        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        model.cpu()
 
-    # 4. Validate (held-out loss, one sample continuation) and save, all at once.
-    model.eval()
-    tail = [record["loss"] for record in log[-10:]]
-    metrics: dict[str, Any] = {
-        "train_stories": len(texts),
-        "steps": cfg.max_steps,
-        "first_loss": log[0]["loss"],
-        "final_loss": sum(tail) / len(tail),  # mean of the last 10 steps
-        "val_stories": len(val_texts),
-        "val_loss": mean_loss(model, val_ids, val_labels, cfg.batch_size) if val_ids is not None else None,
-    }
-    sample_story = load_vist_split(data_dir, "val" if val_texts else "train").stories[0]
-    prompt = [frame.story_caption for frame in sample_story.frames[:2]]
-    metrics["sample"] = {"previous": prompt, "next": TextOnlyBaseline(model, tokenizer)(prompt)}
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    model.cpu()
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        save_resolved_config(resolved_config if resolved_config is not None else cfg, staging)
-        (staging / LOG_FILE).write_text(
-            "".join(json.dumps(record) + "\n" for record in log), encoding="utf-8"
-        )
-        atomic_write_json(staging / METRICS_FILE, metrics)
-
-    atomic_write_folder(out_dir, write)
+        config = resolved_config if resolved_config is not None else cfg
+        write_model_folder(out_dir, model, tokenizer, config, log, METRICS_FILE, metrics)
+        training.finish()
     return metrics
