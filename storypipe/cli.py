@@ -550,10 +550,11 @@ def evaluate(run: Run, data: Path, out: Path) -> list[str]:
         "--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder whose frames carry labels."
     ),
     option("--out", type=FOLDER, default=Path("runs/classifier"), help="Classifier folder."),
+    RESUME,
 )
-def train_classifier(run: Run, data: Path, out: Path) -> list[str]:
+def train_classifier(run: Run, data: Path, out: Path, resume: bool) -> list[str]:
     """Train the character/background classifier used for accuracy and F1 (Make-A-Story's metrics)."""
-    scores = tasks.train_classifier(run.config(), data, out, run.progress())
+    scores = tasks.train_classifier(run.config(), data, out, resume)
     shown = ", ".join(f"{key} {value:.3f}" for key, value in scores.items() if isinstance(value, float))
     return [
         f"Classifier written to {out}; validation: {shown}",
@@ -566,10 +567,11 @@ def train_classifier(run: Run, data: Path, out: Path) -> list[str]:
         "--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder: frames with descriptions."
     ),
     option("--out", type=FOLDER, default=Path("runs/clip"), help="CLIP model folder."),
+    RESUME,
 )
-def train_clip(run: Run, data: Path, out: Path) -> list[str]:
+def train_clip(run: Run, data: Path, out: Path, resume: bool) -> list[str]:
     """Train the tiny CLIP contrastively on (frame, description) pairs, for the CLIP metrics of toy runs."""
-    metrics = tasks.train_clip(run.config(), data, out, run.progress())
+    metrics = tasks.train_clip(run.config(), data, out, resume)
     return [
         f"CLIP written to {out}; validation text->image top-1 {metrics['val_text_to_image_top1']:.3f}, "
         f"image->text {metrics['val_image_to_text_top1']:.3f} "
@@ -581,10 +583,11 @@ def train_clip(run: Run, data: Path, out: Path) -> list[str]:
 @options(
     option("--data", type=EXISTING_FOLDER, required=True, help="A VIST-layout folder: stories of captions."),
     option("--out", type=FOLDER, default=Path("runs/text-baseline"), help="Language model folder."),
+    RESUME,
 )
-def train_text_baseline(run: Run, data: Path, out: Path) -> list[str]:
+def train_text_baseline(run: Run, data: Path, out: Path, resume: bool) -> list[str]:
     """Train the tiny text-only LM baseline on story captions (the toy analogue of the paper's MPT row)."""
-    metrics = tasks.train_text_baseline(run.config(), data, out, run.progress())
+    metrics = tasks.train_text_baseline(run.config(), data, out, resume)
     validation = f", validation {metrics['val_loss']:.3f}" if metrics["val_loss"] is not None else ""
     sample = metrics["sample"]
     return [

@@ -213,40 +213,22 @@ def evaluate(
         )  # fmt: skip
 
 
-def train_classifier(
-    cfg: StorypipeConfig, data_dir: Path, out: Path, progress: ProgressReporter | None = None
-) -> dict:
+def train_classifier(cfg: StorypipeConfig, data_dir: Path, out: Path, resume: bool = False) -> dict:
     """The character/background classifier for Make-A-Story's accuracy and F1."""
     from toy.classifier import train_classifier as train
 
-    with progress or ProgressReporter(enabled=False) as reporter:
-        steps = reporter.task("train-classifier")
-        return train(data_dir, out, cfg.classifier, progress=lambda step, total: steps.update(step, total))
+    return train(data_dir, out, cfg.classifier, resume=resume)
 
 
-def train_clip(
-    cfg: StorypipeConfig, data_dir: Path, out: Path, progress: ProgressReporter | None = None
-) -> dict:
+def train_clip(cfg: StorypipeConfig, data_dir: Path, out: Path, resume: bool = False) -> dict:
     """The tiny CLIP, contrastively on (frame, description) pairs: the toy runs' CLIP metrics and text encoder."""
     from toy.clip import train_clip as train
 
-    with progress or ProgressReporter(enabled=False) as reporter:
-        steps = reporter.task("train-clip")
-        return train(
-            data_dir, out, cfg.clip_training, progress=lambda step, total: steps.update(step, total),
-            resolved_config=cfg,
-        )  # fmt: skip
+    return train(data_dir, out, cfg.clip_training, resolved_config=cfg, resume=resume)
 
 
-def train_text_baseline(
-    cfg: StorypipeConfig, data_dir: Path, out: Path, progress: ProgressReporter | None = None
-) -> dict:
+def train_text_baseline(cfg: StorypipeConfig, data_dir: Path, out: Path, resume: bool = False) -> dict:
     """The tiny text-only LM baseline on story captions (the toy analogue of the paper's MPT row)."""
     from toy.text_lm import train_text_baseline as train
 
-    with progress or ProgressReporter(enabled=False) as reporter:
-        steps = reporter.task("train-text-baseline")
-        return train(
-            data_dir, out, cfg.text_baseline_training, progress=lambda step, total: steps.update(step, total),
-            resolved_config=cfg,
-        )  # fmt: skip
+    return train(data_dir, out, cfg.text_baseline_training, resolved_config=cfg, resume=resume)
