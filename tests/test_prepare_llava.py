@@ -140,7 +140,15 @@ def test_cli_missing_vist_folder_is_a_clear_error(tmp_path):
         app, ["prepare-llava", "--vist-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2
-    assert "train.story-in-sequence.json does not exist" in result.output
+    assert result.output.startswith(
+        f"error: Invalid value for '--vist-dir': Directory '{tmp_path / 'nope'}' does not exist"
+    )
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "empty").mkdir()  # a folder, but not a VIST one
+    result = runner.invoke(
+        app, ["prepare-llava", "--vist-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "train.story-in-sequence.json does not exist" in result.output
     assert not (tmp_path / "o").exists()
 
 
