@@ -13,6 +13,7 @@ NLTK_DATA_DIR := $(VENV)/nltk_data
 # Training and evaluation entry points. Override on the command line, e.g.
 #   make finetune-llava LLAVA_DATA=data/llava-10k
 #   make finetune-llava STORYPIPE="$(CURDIR)/.venv/bin/accelerate launch --num_processes 4 -m storypipe.cli"
+#   make eval PRESET=toy STORYPIPE="$(CURDIR)/.venv/bin/torchrun --nproc_per_node 2 -m storypipe.cli"   (CPU processes)
 PRESET     ?= vist
 STORYPIPE  ?= $(VENV)/bin/storypipe
 LLAVA_DATA ?= data/llava

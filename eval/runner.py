@@ -140,8 +140,8 @@ def generate_story_outputs(
 
     told = None
     if any(row.autoregressive for row in rows):  # the whole pipeline, from the seed frame
-        # The story seed stays cfg.seed: the story loop derives its frame seeds by arithmetic on it
-        # (pipeline.orchestrator.frame_seed), which a 63-bit derive_seed value would overflow.
+        # Told with the seed eval.seed, as `storypipe generate --seed` would tell it; the story loop derives
+        # each frame's seeds from it.
         told = models.tell_story(out / STORIES_DIR / story.story_id, images[0], captions[0], n, cfg.seed)
         record["ar_descriptions"] = told.descriptions[1:]
 

@@ -163,7 +163,7 @@ def evaluate(
     from eval.runner import EvalModels, StoryFrames, select_stories
     from eval.runner import evaluate as run
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes: gloo under torchrun
     ecfg = cfg.eval
     # 1. Inputs first: the stories (a clear error for an empty split) and the device.
     stories = select_stories(Path(data_dir), ecfg, cfg.data.story_length)
