@@ -32,7 +32,7 @@ from pipeline.errors import DataError, InputError
 from pipeline.io import load_rgb
 from pipeline.orchestrator import FrameCallback, StoryEvents, StoryTeller, check_caption
 from pipeline.story import Frame, Story
-from pipeline.story_folder import append_frame, load_story
+from pipeline.story_folder import append_frame, load_story, write_storyboard
 from storypipe import wiring
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_path
 
@@ -169,9 +169,9 @@ class StoryPipeline:
         finished(story.frames[0])
         teller.continue_story(story, finished)
 
-        # 4. The storyboards, once the story is complete.
+        # 4. The storyboards, once the story is complete (each frame and story.json are saved already).
         if folder is not None:
-            story.save(folder)
+            write_storyboard(folder, story)
         return story
 
     def resume(
@@ -185,7 +185,7 @@ class StoryPipeline:
         folder = Path(folder)
         story = load_story(folder, complete_only=True)
         self._teller(events).continue_story(story, self._frame_finished(story, folder, on_frame))
-        story.save(folder)  # the storyboards, once the story is complete
+        write_storyboard(folder, story)  # once the story is complete; each frame is saved already
         return story
 
     def edit(
