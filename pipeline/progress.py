@@ -114,11 +114,6 @@ class ProgressReporter:
         task.completed = completed
         return task
 
-    def note(self, message: str) -> None:
-        """A line of its own (a warning, a remark), above the bars on a terminal."""
-        if self.enabled:
-            self.console.print(message, highlight=False, markup=False)
-
     def _show(self, task: ProgressTask) -> None:
         if not self.enabled:
             return

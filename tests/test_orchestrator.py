@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StoryConfig
-from pipeline.errors import InputError
+from pipeline.errors import DataError, InputError
 from pipeline.orchestrator import StoryTeller, similarity
 from pipeline.seeds import derive_seed
 from pipeline.story import Story
@@ -178,7 +178,7 @@ def test_continuing_stops_before_a_frame_whose_image_is_missing(tmp_path):
     tell(frames=4).save(tmp_path)
     (tmp_path / "frames" / "frame_03.png").unlink()
     assert len(load_story(tmp_path, complete_only=True).frames) == 3
-    with pytest.raises(Exception, match="frame 3.*is missing"):
+    with pytest.raises(DataError, match="frame 3.*is missing"):
         load_story(tmp_path)
 
 
