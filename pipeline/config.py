@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.errors import ConfigError, InvalidConfigValue
 from pipeline.io import atomic_write_text
+from pipeline.story import MAX_FRAMES, MAX_SEED, MIN_FRAMES, is_valid_seed
 
 RESOLVED_CONFIG_NAME = "config.yaml"
 
@@ -150,6 +151,7 @@ class StoryConfig:
     def __post_init__(self) -> None:
         validate(self, [
             (MIN_FRAMES <= self.frames <= MAX_FRAMES, "frames", f"must be in {MIN_FRAMES}..{MAX_FRAMES}"),
+            (is_valid_seed(self.seed), "seed", f"must be an integer in 0..{MAX_SEED}"),
             (self.repetition_retries >= 0, "repetition_retries", "must be >= 0"),
             (0 < self.repetition_threshold <= 1, "repetition_threshold", "must be in (0, 1]"),
             (0 < self.min_seed_side <= self.max_seed_side, "min_seed_side", "must be in 1..max_seed_side"),
@@ -161,9 +163,6 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The real preset's models are too slow for a CPU; it says so instead of silently taking hours.
     require_gpu: bool = False
-
-
-MIN_FRAMES, MAX_FRAMES = 2, 20
 
 
 def validate(section: Any, checks: list[tuple[bool, str, str]]) -> None:

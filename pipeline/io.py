@@ -8,28 +8,48 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from PIL import Image
 
 from pipeline.errors import DataError
 
+TEMP_SUFFIX = ".tmp"  # a temporary file or folder of a write in progress: ``.NAME.<random>.tmp``
+NEW_FILE_MODE = 0o666  # what open() and mkdir() ask for; the umask takes away the rest (0644 under 022)
+NEW_FOLDER_MODE = 0o777
+
+
+def temp_path_for(path: Path) -> Path:
+    """A fresh name next to ``path`` for a write in progress (hidden, and ending in :data:`TEMP_SUFFIX`)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+
+
+def is_temp_path(path: Path) -> bool:
+    """Whether ``path`` is a leftover of an atomic write that never finished (see :func:`temp_path_for`)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
+
+    The file gets the permissions a plain ``open()`` would give it (``mkstemp``'s 0600 would hide a
+    storyboard from a web server or another user).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_path_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -63,7 +83,8 @@ def atomic_write_folder(
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    staging = temp_path_for(folder)
+    staging.mkdir(NEW_FOLDER_MODE)
     try:
         write(staging)
         if folder.is_dir() and keep_existing_files:
@@ -84,6 +105,12 @@ def atomic_write_folder(
 # --------------------------------------------------------------------------------------------
 
 
+# Gray images wider than 8 bits: Pillow's convert("RGB") clips them at 255 instead of scaling (a 16-bit
+# PNG turns white), so they are scaled to 8 bits first. 16-bit RGB(A) PNGs already open as 8-bit RGB(A).
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+UINT16_MAX = 65535
+
+
 class ImageDecodeError(DataError):
     """An image file exists but cannot be decoded."""
 
@@ -97,6 +124,8 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # force a full decode: truncated files fail here, not later
+            if image.mode in WIDE_GRAY_MODES:
+                image = _gray_to_8_bits(image)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
             if image.mode in ("RGBA", "LA", "PA"):
@@ -106,3 +135,15 @@ def load_rgb(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{path} does not decode as an image: {exc}") from exc
+
+
+def _gray_to_8_bits(image: Image.Image) -> Image.Image:
+    """An 8-bit ``L`` image from a 16-bit, 32-bit integer or float gray one.
+
+    Integer modes are read as 16-bit samples (what PNG and TIFF store in them); float images in [0, 1] as
+    fractions, any other float image as 16-bit samples too.
+    """
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    full_scale = 1.0 if image.mode == "F" and values.size and values.max() <= 1.0 else UINT16_MAX
+    scaled = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)  # (H, W)
+    return Image.fromarray(scaled)  # uint8 (H, W) -> mode L

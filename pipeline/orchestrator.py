@@ -18,16 +18,17 @@ from __future__ import annotations
 import difflib
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from PIL import Image
 
-from pipeline.config import MAX_FRAMES, MIN_FRAMES, StoryConfig
+from pipeline.config import StoryConfig
 from pipeline.errors import InputError
 from pipeline.seeds import derive_seed
-from pipeline.story import Frame, Story
+from pipeline.story import MAX_FRAMES, MAX_SEED, MIN_FRAMES, Frame, Story, is_valid_seed
 
 
 class StoryCaptioner(Protocol):
@@ -78,11 +79,42 @@ def similarity(a: str, b: str, rule: str) -> float:
     return len(words_a & words_b) / max(1, len(words_a | words_b))
 
 
+# Characters that show nothing although Unicode does not class them as format characters or spaces.
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # Hangul fillers, the Braille blank
+ALLOWED_CONTROLS = frozenset("\n\t")
+
+
 def check_caption(caption: object, what: str = "caption") -> str:
-    """The caption without surrounding whitespace; an :class:`InputError` when it is not a non-empty string."""
-    if not isinstance(caption, str) or not caption.strip():
-        raise InputError(f"the {what} is empty")
+    """The caption without surrounding whitespace; an :class:`InputError` when it is not a string, shows
+    nothing (only spaces, zero-width or direction marks...), or holds a control character (an escape
+    sequence for the terminal, a NUL) or half of a surrogate pair (bytes that were not UTF-8)."""
+    if not isinstance(caption, str):
+        raise InputError(f"the {what} must be a string, got {type(caption).__name__}")
+    for position, character in enumerate(caption):
+        category = unicodedata.category(character)
+        if (category == "Cc" and character not in ALLOWED_CONTROLS) or category == "Cs":
+            raise InputError(
+                f"the {what} holds the control character U+{ord(character):04X} at position {position}; "
+                "remove it"
+            )
+    if not any(_is_visible(character) for character in caption):
+        raise InputError(
+            f"the {what} is empty" + (" (it holds only invisible characters)" if caption else "")
+        )
     return caption.strip()
+
+
+def _is_visible(character: str) -> bool:
+    category = unicodedata.category(character)
+    return not (character.isspace() or category in ("Cc", "Cf", "Cn", "Co", "Zs", "Zl", "Zp")
+                or character in INVISIBLE_LETTERS)  # fmt: skip
+
+
+def check_seed(seed: object) -> int:
+    """A story seed: an integer in 0..MAX_SEED (every seed drawn in the story derives from it)."""
+    if not is_valid_seed(seed):
+        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return seed
 
 
 def check_frame_count(frames: object) -> int:
@@ -127,9 +159,7 @@ class StoryTeller:
         if description is not None:
             description = check_caption(description, "description")
         frames = check_frame_count(cfg.frames if frames is None else frames)
-        seed = cfg.seed if seed is None else seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InputError(f"seed must be an integer, got {seed!r}")
+        seed = check_seed(cfg.seed if seed is None else seed)
         return caption, description, frames, seed
 
     @staticmethod
@@ -193,8 +223,8 @@ class StoryTeller:
 
     def continue_story(self, story: Story, on_frame: FrameCallback | None = None) -> Story:
         """Extend ``story`` (in place, and returned) with generated frames up to its ``frames_requested``."""
-        target = check_frame_count(int(story.metadata.get("frames_requested", self.cfg.frames)))
-        seed = int(story.metadata.get("seed", self.cfg.seed))
+        target = check_frame_count(story.metadata.get("frames_requested", self.cfg.frames))
+        seed = check_seed(story.metadata.get("seed", self.cfg.seed))
         while len(story.frames) < target:
             frame = self._next_frame(story, seed, target)
             story.frames.append(frame)
@@ -220,7 +250,7 @@ class StoryTeller:
         with ``propagate``, regenerate every later frame from it."""
         caption = self.check_edit(story, index, caption, strength)
         edited = story.copy()
-        seed = int(edited.metadata.get("seed", self.cfg.seed))
+        seed = check_seed(edited.metadata.get("seed", self.cfg.seed))
         current = edited.frames[index]
         # The description reads the previous frame; the seed frame has none and is described from itself.
         if index > 0:
@@ -255,7 +285,7 @@ class StoryTeller:
         """A new panel between frames ``after`` and ``after + 1``, conditioned on the frames up to ``after``;
         the later frames move up one place."""
         caption = self.check_insert(story, after, caption)
-        seed = int(story.metadata.get("seed", self.cfg.seed))
+        seed = check_seed(story.metadata.get("seed", self.cfg.seed))
         previous = story.frames[after]
         description = self.captioner.describe(
             previous.image,

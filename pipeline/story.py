@@ -29,9 +29,13 @@ from typing import Any, Literal, get_args
 
 from PIL import Image
 
+from pipeline.seeds import SEED_BITS
+
 STORY_JSON_VERSION = 1
 STORY_JSON_NAME = "story.json"
 FRAMES_DIR = "frames"
+MIN_FRAMES, MAX_FRAMES = 2, 20  # frames in a told story, the seed included
+MAX_SEED = 2**SEED_BITS - 1  # a story seed; every seed storypipe draws derives from it
 
 FrameSource = Literal["seed", "generated", "edited", "inserted"]
 FRAME_SOURCES: tuple[str, ...] = get_args(FrameSource)
@@ -100,6 +104,25 @@ def image_path(frame_entry: dict[str, Any]) -> str:
     return path
 
 
+def check_story_settings(metadata: dict[str, Any]) -> None:
+    """The settings a story's metadata holds for continuing it are what ``--seed`` and ``--frames`` accept."""
+    seed, frames = metadata.get("seed"), metadata.get("frames_requested")
+    if seed is not None and not is_valid_seed(seed):
+        raise ValueError(f"metadata.seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    if frames is not None and (not _is_int(frames) or not MIN_FRAMES <= frames <= MAX_FRAMES):
+        raise ValueError(
+            f"metadata.frames_requested must be an integer in {MIN_FRAMES}..{MAX_FRAMES}, got {frames!r}"
+        )
+
+
+def is_valid_seed(seed: object) -> bool:
+    return _is_int(seed) and 0 <= seed <= MAX_SEED
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class Story:
     """Ordered frames (0 = the seed), free-form JSON metadata, and the resolved config it was told with.
@@ -149,6 +172,7 @@ class Story:
         metadata = data.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ValueError("'metadata' must be an object")
+        check_story_settings(metadata)
         return cls(frames=[Frame.from_dict(frame) for frame in frames], metadata=metadata)
 
     def save(self, folder: str | Path) -> Path:

@@ -20,8 +20,9 @@ calls of these methods.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,8 @@ from pipeline.config import RESOLVED_CONFIG_NAME, config_to_dict, load_config
 from pipeline.errors import DataError, InputError
 from pipeline.io import load_rgb
 from pipeline.orchestrator import FrameCallback, StoryEvents, StoryTeller, check_caption
-from pipeline.story import Frame, Story
-from pipeline.story_folder import append_frame, load_story, write_storyboard
+from pipeline.story import STORY_JSON_NAME, Frame, Story
+from pipeline.story_folder import StoryWriter, check_contained, open_for_writing, read_story_json
 from storypipe import wiring
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_path
 
@@ -43,8 +44,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("storypipe")
 
 
+# The config sections that decide what a story holds: a story continues only with its own.
+STORY_SECTIONS = ("captioner", "generator", "story")
+
+
 def story_config_path(folder: str | Path) -> Path:
     """A story folder's ``config.yaml``: the resolved config it was told with."""
+    check_contained(Path(folder))
     path = Path(folder) / RESOLVED_CONFIG_NAME
     if not path.is_file():
         raise DataError(f"{path} does not exist: is {folder} a story folder written by `storypipe generate`?")
@@ -136,42 +142,48 @@ class StoryPipeline:
     ) -> Story:
         """A story of ``frames`` frames (default ``story.frames``; the seed counts) from a seed image (PIL, or
         a file) and its story caption. ``on_frame(frame)`` is called as each frame is finished, the seed
-        frame first. With ``save_to``, the story folder is written as the frames finish, so a crash loses at
-        most one frame and :meth:`resume` continues it; a folder that is not empty is refused unless
-        ``overwrite`` (which replaces it)."""
+        frame first.
+
+        With ``save_to``, the story folder is written as the frames finish, so a crash loses at most one
+        frame and :meth:`resume` continues it. The folder must be new or empty; with ``overwrite`` it may
+        also hold a story that storypipe wrote, which is replaced only once the new story is complete (a
+        folder holding the seed image, or the current directory, is refused)."""
         # 1. Check every input before any model loads.
         caption, description, frames, seed = StoryTeller.check_begin(
             self.config.story, caption, description, frames, seed
         )
-        folder = Path(save_to) if save_to is not None else None
-        if folder is not None and folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise InputError(
-                f"{folder} is not empty: overwrite it (--overwrite), or continue it (--resume {folder})"
-            )
         events = events or StoryEvents()
         note = events.on_note or logger.warning
         seed_image = self._seed_image(image, note)
+        with ExitStack() as stack:
+            # 2. The story folder, locked for this call alone; what it holds decides how it is written.
+            writer = None
+            if save_to is not None:
+                writer = stack.enter_context(open_for_writing(save_to, create=True))
+                replacing = check_story_target(writer, overwrite, image)
 
-        # 2. The models; a caption the text encoder cannot read whole gets a warning.
-        teller = self._teller(events)
-        for text in (caption, description):
-            if text is not None and self.generator.exceeds_prompt_limit(text):
-                note(f"{text!r} is longer than the text encoder reads; it will be truncated")
+            # 3. The models; a caption the text encoder cannot read whole gets a warning.
+            teller = self._teller(events)
+            for text in (caption, description):
+                if text is not None and self.generator.exceeds_prompt_limit(text):
+                    note(f"{text!r} is longer than the text encoder reads; it will be truncated")
 
-        # 3. The seed frame, then every generated frame, saved as it finishes.
-        story = teller.begin(seed_image, caption, description, frames=frames, seed=seed)
-        story.config = config_to_dict(self.config)
-        if folder is not None:
-            if overwrite and folder.exists():
-                shutil.rmtree(folder)
-            story.save(folder)
-        finished = self._frame_finished(story, folder, on_frame)
-        finished(story.frames[0])
-        teller.continue_story(story, finished)
+            # 4. The seed frame, then every generated frame, each saved as it finishes (a story being
+            # replaced is written once it is complete, so the old one stays whole until then).
+            story = teller.begin(seed_image, caption, description, frames=frames, seed=seed)
+            story.config = config_to_dict(self.config)
+            growing = writer if writer is not None and not replacing else None
+            if growing is not None:
+                growing.start(story)
+            finished = self._frame_finished(story, growing, on_frame)
+            finished(story.frames[0])
+            teller.continue_story(story, finished)
 
-        # 4. The storyboards, once the story is complete (each frame and story.json are saved already).
-        if folder is not None:
-            write_storyboard(folder, story)
+            # 5. The storyboards, once the story is complete.
+            if growing is not None:
+                growing.finish(story)
+            elif writer is not None:
+                writer.replace(story)
         return story
 
     def resume(
@@ -181,16 +193,28 @@ class StoryPipeline:
         on_frame: FrameCallback | None = None,
         events: StoryEvents | None = None,
     ) -> Story:
-        """Continue a story folder whose telling was interrupted, saving each new frame into it."""
+        """Continue a story folder whose telling was interrupted, saving each new frame into it.
+
+        The story continues with the settings it was told with: this pipeline's captioner, generator and
+        story settings must be the folder's ``config.yaml`` ones (:meth:`from_story` gives such a pipeline).
+        """
         folder = Path(folder)
-        story = load_story(folder, complete_only=True)
-        self._teller(events).continue_story(story, self._frame_finished(story, folder, on_frame))
-        write_storyboard(folder, story)  # once the story is complete; each frame is saved already
+        with open_for_writing(folder) as writer:
+            if not writer.holds_story:
+                raise DataError(
+                    f"{folder / STORY_JSON_NAME} does not exist, so there is nothing to continue: the first write "
+                    f"of {folder} never finished (or it is not a story folder). Tell the story again into it "
+                    f"with `storypipe generate --out {folder}`."
+                )
+            story = writer.load(complete_only=True)
+            self._check_told_with_this_config(folder)
+            self._teller(events).continue_story(story, self._frame_finished(story, writer, on_frame))
+            writer.finish(story)
         return story
 
     def edit(
         self,
-        story: Story,
+        story: Story | str | Path,
         frame: int,
         caption: str,
         *,
@@ -201,15 +225,23 @@ class StoryPipeline:
     ) -> Story:
         """A new story whose frame ``frame`` has a new story caption, with its description and image
         regenerated (img2img at ``strength``, default ``generator.edit_strength``; 1.0 redraws it fully).
-        With ``propagate``, every later frame is regenerated from it. ``story`` is left unchanged; saving
-        the result over the story's folder keeps the replaced frames in ``history/``."""
+        With ``propagate``, every later frame is regenerated from it.
+
+        ``story`` in memory is left unchanged; saving the result over the story's folder keeps the replaced
+        frames in ``history/``. A story folder (a path) is edited in place, under its lock: the old story
+        stays whole until the new one is complete."""
         strength = self.config.generator.edit_strength if strength is None else strength
+        if not isinstance(story, Story):
+            return self._change_folder(
+                story, lambda saved: self.edit(saved, frame, caption, strength=strength, propagate=propagate,
+                                               on_frame=on_frame, events=events),
+            )  # fmt: skip
         StoryTeller.check_edit(story, frame, caption, strength)
         return self._teller(events).edit(story, frame, caption, strength, propagate, on_frame)
 
     def insert(
         self,
-        story: Story,
+        story: Story | str | Path,
         after: int,
         caption: str,
         *,
@@ -217,7 +249,12 @@ class StoryPipeline:
         events: StoryEvents | None = None,
     ) -> Story:
         """A new story with a panel between frames ``after`` and ``after + 1``, conditioned on the frames up
-        to ``after``; the later frames move up one place."""
+        to ``after``; the later frames move up one place. A story folder (a path) is changed in place, as
+        :meth:`edit` does."""
+        if not isinstance(story, Story):
+            return self._change_folder(
+                story, lambda saved: self.insert(saved, after, caption, on_frame=on_frame, events=events)
+            )
         StoryTeller.check_insert(story, after, caption)
         return self._teller(events).insert(story, after, caption, on_frame)
 
@@ -246,14 +283,39 @@ class StoryPipeline:
         )
 
     @staticmethod
+    def _change_folder(folder: str | Path, change: Callable[[Story], Story]) -> Story:
+        """``change`` the story in ``folder`` and save the result there, all under the folder's lock."""
+        with open_for_writing(Path(folder)) as writer:
+            changed = change(writer.load())
+            writer.save(changed)
+        return changed
+
+    def _check_told_with_this_config(self, folder: Path) -> None:
+        """Refuse to continue a story with other settings than it was told with (a mixed story)."""
+        told = config_to_dict(load_config(StorypipeConfig, story_config_path(folder)))
+        mine = config_to_dict(self.config)
+        differ = [
+            f"{section}.{key}"
+            for section in STORY_SECTIONS
+            for key in sorted(set(told[section]) | set(mine[section]))
+            if told[section].get(key) != mine[section].get(key)
+        ]
+        if differ:
+            raise InputError(
+                f"{folder} was told with other settings than this pipeline's ({', '.join(differ)} differ), and "
+                f"continuing it so would mix two stories. Continue it with its own config: "
+                f"StoryPipeline.from_story({str(folder)!r}), or `storypipe generate --resume {folder}`."
+            )
+
+    @staticmethod
     def _frame_finished(
-        story: Story, folder: Path | None, on_frame: FrameCallback | None
+        story: Story, writer: StoryWriter | None, on_frame: FrameCallback | None
     ) -> Callable[[Frame], None]:
         """What happens as each frame is finished: saved (when telling into a folder), then announced."""
 
         def finished(frame: Frame) -> None:
-            if folder is not None and frame.index > 0:  # the seed frame is saved with the folder itself
-                append_frame(folder, story)
+            if writer is not None and frame.index > 0:  # the seed frame is saved when the folder is started
+                writer.append(story)
             if on_frame is not None:
                 on_frame(frame)
 
@@ -266,6 +328,8 @@ class StoryPipeline:
         if not isinstance(image, (str, Path)):
             raise InputError(f"the image must be a PIL image or a file path, got {type(image).__name__}")
         path = Path(image)
+        if path.is_dir():
+            raise InputError(f"the image {path} is a directory, not an image file")
         if not path.is_file():
             raise InputError(f"the image {path} does not exist")
         return load_rgb(path)  # any mode -> RGB; a file that is not an image is a clear error
@@ -285,3 +349,42 @@ class StoryPipeline:
         size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
         note(f"the seed image is {picture.width}x{picture.height}; resized to {size[0]}x{size[1]}")
         return picture.resize(size, Image.Resampling.BICUBIC)
+
+
+def check_story_target(writer: StoryWriter, overwrite: bool, seed_image: object) -> bool:
+    """Whether telling a story into ``writer``'s folder replaces a story there (``overwrite``); an
+    :class:`InputError` when the folder may not take a new story.
+
+    A new story goes into a folder that is empty, or that an unfinished first write of storypipe's left;
+    with ``overwrite``, also over a story that storypipe wrote, unless the folder holds the seed image or
+    the current directory. Anything else in a folder is never deleted.
+    """
+    folder = writer.folder
+    if not writer.holds_story:
+        unknown = writer.unknown_entries()
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise InputError(
+                f"{folder} is not empty and holds no story (it has {shown}); choose another folder for the "
+                "story: --overwrite replaces only a story that storypipe wrote"
+            )
+        return False
+    if not overwrite:
+        raise InputError(
+            f"{folder} holds a story: overwrite it (--overwrite), or continue it (--resume {folder})"
+        )
+    try:
+        read_story_json(folder)
+    except DataError as exc:
+        raise InputError(
+            f"{exc}. --overwrite replaces only a story that storypipe wrote; choose another folder"
+        ) from exc
+    root = folder.resolve()
+    if isinstance(seed_image, (str, Path)) and Path(seed_image).resolve().is_relative_to(root):
+        raise InputError(
+            f"the seed image {seed_image} is inside {folder}, which --overwrite would replace; copy the image "
+            "out of it first, or choose another folder"
+        )
+    if Path(os.getcwd()).resolve().is_relative_to(root):
+        raise InputError(f"{folder} holds the current directory; --overwrite will not replace it")
+    return True

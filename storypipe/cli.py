@@ -33,7 +33,6 @@ from pipeline.config import config_to_dict, load_config
 from pipeline.errors import InputError, StorypipeError
 from pipeline.orchestrator import StoryEvents
 from pipeline.progress import ProgressReporter
-from pipeline.story import Story
 from storypipe import __version__, tasks
 from storypipe.api import StoryPipeline, story_config_path
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_names, resolve_config
@@ -90,7 +89,13 @@ class Run:
     preset: str | None
     overrides: tuple[str, ...]
     values: dict[str, Any]
+    value_flags: tuple[str, ...] = ()  # the config options given (``--steps``), for error messages
     console: Console = field(default_factory=lambda: Console(soft_wrap=True))
+
+    def config_options_given(self) -> list[str]:
+        """The options given that set config values: ``--preset``, ``--config``, ``--set`` and the typed ones."""
+        given = [flag for flag, value in (("--preset", self.preset), ("--config", self.config_file)) if value]
+        return given + (["--set"] if self.overrides else []) + list(self.value_flags)
 
     def config(self, story_folder: Path | None = None) -> StorypipeConfig:
         """``--config`` or ``--preset`` when given; else, for a command on a story folder, the folder's own
@@ -129,8 +134,11 @@ def build_command(name: str, function: Callable[..., Sequence[str]]) -> click.Co
 
     def callback(config_file, preset, overrides, verbose, **given: Any) -> None:
         quiet_third_party_output(verbose)
-        values = {opt.config_key: given.pop(opt.name) for opt in own if isinstance(opt, ConfigOption)}
-        run = Run(config_file, preset, tuple(overrides), {k: v for k, v in values.items() if v is not None})
+        config_options = [opt for opt in own if isinstance(opt, ConfigOption)]
+        values = {opt: given.pop(opt.name) for opt in config_options}
+        values = {opt: value for opt, value in values.items() if value is not None}
+        run = Run(config_file, preset, tuple(overrides), {opt.config_key: value for opt, value in values.items()},
+                  value_flags=tuple(opt.opts[0] for opt in values))  # fmt: skip
         started = time.perf_counter()
         lines = list(function(run, **given))
         for number, line in enumerate(lines):
@@ -429,7 +437,11 @@ def default_story_folder(caption: str) -> Path:
         help="The story's seed; the same seed gives the same story. [default: the config's story.seed]",
     ),
     option("--out", type=FOLDER, show_default=False, help="Story folder. [default: stories/<caption>]"),
-    option("--overwrite", is_flag=True, help="Replace a non-empty --out folder."),
+    option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace the story an --out folder holds, once the new one is complete.",
+    ),
     option(
         "--resume",
         type=EXISTING_FOLDER,
@@ -450,7 +462,16 @@ def generate(
 ) -> list[str]:
     """Write and draw a story from one seed frame: story captions, descriptions and images, frame by frame."""
     if resume is not None:
-        pipe = StoryPipeline(run.config(story_folder=resume))
+        story_options = [flag for flag, value in (("--image", image), ("--caption", caption),
+                         ("--description", description), ("--frames", frames), ("--seed", seed), ("--out", out),
+                         ("--overwrite", overwrite)) if value not in (None, False)]  # fmt: skip
+        conflicting = story_options + run.config_options_given()
+        if conflicting:
+            raise InputError(
+                f"--resume continues {resume} with its own config.yaml and settings, so {', '.join(conflicting)} "
+                "would change the story; drop " + ("it" if len(conflicting) == 1 else "them")
+            )
+        pipe = StoryPipeline.from_story(resume)
         run.note_zero_shot(pipe)
         with run.progress() as progress:
             story = pipe.resume(resume, events=run.story_events(progress))
@@ -483,12 +504,10 @@ def edit(
 
     The models are the story folder's own (its config.yaml) unless --preset or --config is given.
     """
-    saved = Story.load(story)
     pipe = StoryPipeline(run.config(story_folder=story))
     with run.progress() as progress:
-        edited = pipe.edit(saved, frame, caption, strength=strength, propagate=propagate,
+        edited = pipe.edit(story, frame, caption, strength=strength, propagate=propagate,
                            events=run.story_events(progress))  # fmt: skip
-    edited.save(story)
     return [
         f"Edited frame {frame} of {story} ({len(edited.frames)} frames). Open {story / 'storyboard.html'}"
     ]
@@ -510,11 +529,9 @@ def insert(run: Run, story: Path, after: int, caption: str) -> list[str]:
 
     The models are the story folder's own (its config.yaml) unless --preset or --config is given.
     """
-    saved = Story.load(story)
     pipe = StoryPipeline(run.config(story_folder=story))
     with run.progress() as progress:
-        inserted = pipe.insert(saved, after, caption, events=run.story_events(progress))
-    inserted.save(story)
+        inserted = pipe.insert(story, after, caption, events=run.story_events(progress))
     return [f"Inserted frame {after + 1} into {story} ({len(inserted.frames)} frames). "
             f"Open {story / 'storyboard.html'}"]  # fmt: skip
 

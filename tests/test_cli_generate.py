@@ -78,15 +78,17 @@ def test_generate_edit_insert_and_resume(tmp_path, models, seed_image):
     assert len(Story.load(out).frames) == 4
 
 
-def test_generate_refuses_a_non_empty_folder_without_overwrite(tmp_path, models, seed_image):
+def test_generate_refuses_a_folder_that_is_not_a_story_even_with_overwrite(tmp_path, models, seed_image):
     out = tmp_path / "story"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = runner.invoke(
-        app, ["generate", "--image", str(seed_image), "--caption", "x", "--out", str(out), *models]
-    )
-    assert result.exit_code == 2 and "is not empty: overwrite it (--overwrite)" in result.output
-    assert tree(out) == ["keep.txt"]
+    for overwrite in ([], ["--overwrite"]):
+        result = runner.invoke(
+            app, ["generate", "--image", str(seed_image), "--caption", "x", "--out", str(out), *models, *overwrite]
+        )
+        assert result.exit_code == 2, result.output
+        assert "is not empty and holds no story (it has keep.txt)" in " ".join(result.output.split())
+        assert tree(out) == ["keep.txt"]
 
 
 def test_a_long_caption_is_truncated_with_a_warning(tmp_path, models, seed_image):

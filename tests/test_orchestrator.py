@@ -15,7 +15,7 @@ from pipeline.errors import DataError, InputError
 from pipeline.orchestrator import StoryTeller, similarity
 from pipeline.seeds import derive_seed
 from pipeline.story import Story
-from pipeline.story_folder import append_frame, load_story
+from pipeline.story_folder import load_story, open_for_writing
 
 
 def colour_of(text: str) -> tuple[int, int, int]:
@@ -164,9 +164,9 @@ def test_a_story_cut_short_continues_into_the_uninterrupted_story(tmp_path):
     # Tell into a folder frame by frame, as the app layer does, until frame 4 crashes.
     crashed = teller(illustrator=FakeIllustrator(fail_at_call=3), frames=6)
     story = crashed.begin(SEED_IMAGE, "We went to the fair.")
-    story.save(tmp_path)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.continue_story(story, on_frame=lambda frame: append_frame(tmp_path, story))
+    with pytest.raises(RuntimeError, match="simulated crash"), open_for_writing(tmp_path) as writer:
+        writer.start(story)
+        crashed.continue_story(story, on_frame=lambda frame: writer.append(story))
     saved = load_story(tmp_path, complete_only=True)
     assert len(saved.frames) == 4  # frames 0..3 were complete when frame 4 crashed
 
