@@ -40,30 +40,38 @@ class FolderLock:
         while self._fd is None:
             fd = self._open()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                self._take(fd)
+            except BaseException:
                 os.close(fd)
-                raise FolderInUse(
-                    f"{self.what} {self.folder} is in use by process {holder}; wait for it to finish (or stop "
-                    "it), then run the command again"
-                ) from None
-            # The previous holder removes the file as it lets go: if it did so between our open and our
-            # lock, we hold a lock on a file nobody else will find, so start again with the new one.
-            if not self._still_the_lock_file(fd):
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-            self._fd = fd
+                raise
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)  # while still held: no other process can be holding this file
-        os.close(self._fd)  # closing releases the lock
-        self._fd = None
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: no other process can be holding this file
+        finally:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+    def _take(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise FolderInUse(
+                f"{self.what} {self.folder} is in use by process {holder}; wait for it to finish (or stop it), "
+                "then run the command again"
+            ) from None
+        # The previous holder removes the file as it lets go: if it did so between our open and our lock,
+        # we hold a lock on a file nobody else will find, so start again with the new one.
+        if not self._still_the_lock_file(fd):
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -295,15 +295,15 @@ class StoryPipeline:
         told = config_to_dict(load_config(StorypipeConfig, story_config_path(folder)))
         mine = config_to_dict(self.config)
         differ = [
-            f"{section}.{key}"
+            f"{section}.{key} is {mine[section].get(key)!r} here, {told[section].get(key)!r} there"
             for section in STORY_SECTIONS
             for key in sorted(set(told[section]) | set(mine[section]))
             if told[section].get(key) != mine[section].get(key)
         ]
         if differ:
             raise InputError(
-                f"{folder} was told with other settings than this pipeline's ({', '.join(differ)} differ), and "
-                f"continuing it so would mix two stories. Continue it with its own config: "
+                f"{folder} was told with other settings than this pipeline's ({'; '.join(differ)}), and continuing "
+                f"it so would mix two stories. Continue it with its own config: "
                 f"StoryPipeline.from_story({str(folder)!r}), or `storypipe generate --resume {folder}`."
             )
 

@@ -84,7 +84,18 @@ def test_generate_refuses_a_folder_that_is_not_a_story_even_with_overwrite(tmp_p
     (out / "keep.txt").write_text("mine")
     for overwrite in ([], ["--overwrite"]):
         result = runner.invoke(
-            app, ["generate", "--image", str(seed_image), "--caption", "x", "--out", str(out), *models, *overwrite]
+            app,
+            [
+                "generate",
+                "--image",
+                str(seed_image),
+                "--caption",
+                "x",
+                "--out",
+                str(out),
+                *models,
+                *overwrite,
+            ],
         )
         assert result.exit_code == 2, result.output
         assert "is not empty and holds no story (it has keep.txt)" in " ".join(result.output.split())
