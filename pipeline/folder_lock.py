@@ -59,7 +59,8 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = holder if holder.isdigit() else "unknown"  # never echo what someone else wrote there
             raise FolderInUse(
                 f"{self.what} {self.folder} is in use by process {holder}; wait for it to finish (or stop it), "
                 "then run the command again"

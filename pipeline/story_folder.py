@@ -354,8 +354,10 @@ def _finish_interrupted_update(folder: Path) -> None:
     staging = folder / UPDATE_DIR
     if (staging / JOURNAL_NAME).is_file():
         _apply_update(folder)
-    elif staging.exists():
+    elif staging.is_dir():
         shutil.rmtree(staging)
+    elif staging.exists():
+        staging.unlink()
     for place in (folder, folder / FRAMES_DIR):
         if place.is_dir():
             for leftover in place.iterdir():

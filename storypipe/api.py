@@ -330,6 +330,8 @@ class StoryPipeline:
         path = Path(image)
         if path.is_dir():
             raise InputError(f"the image {path} is a directory, not an image file")
+        if path.exists() and not path.is_file():
+            raise InputError(f"the image {path} is not a regular file")
         if not path.is_file():
             raise InputError(f"the image {path} does not exist")
         return load_rgb(path)  # any mode -> RGB; a file that is not an image is a clear error

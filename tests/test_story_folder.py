@@ -158,20 +158,41 @@ def test_a_frame_linked_to_a_file_outside_is_refused(tmp_path, pipe, story_dir):
             change()
 
 
-def test_a_resumed_story_never_embeds_an_outside_image(tmp_path, pipe, story_dir):
-    secret = Image.new("RGB", (16, 16), (7, 7, 7))
-    secret.save(tmp_path / "secret.png")
-    edit_story_json(story_dir, lambda d: (d["frames"][2].update(image="../secret.png"), d["metadata"].update(frames_requested=6)))  # fmt: skip
-    with pytest.raises(DataError):
-        pipe.resume(story_dir)
-    assert len(captions(story_dir)) == 4  # nothing was added
-
-
 def test_a_lock_file_planted_as_a_link_is_refused_and_not_followed(tmp_path, pipe, story_dir):
     (story_dir / LOCK_FILE).symlink_to(tmp_path / "created-by-the-link")
     with pytest.raises(DataError, match="symbolic link"):
         pipe.edit(story_dir, 1, "x")
     assert not (tmp_path / "created-by-the-link").exists()
+
+
+def test_a_planted_update_journal_cannot_move_or_delete_anything_outside(tmp_path, pipe, story_dir):
+    (tmp_path / "precious.txt").write_text("mine")
+    (story_dir / UPDATE_DIR).mkdir()
+    (story_dir / UPDATE_DIR / "journal.json").write_text(
+        json.dumps({"moves": [], "removals": ["../precious.txt"]})
+    )
+    before = snapshot(story_dir)
+    for change in (lambda: pipe.edit(story_dir, 1, "x"), lambda: Story.load(story_dir)):
+        with pytest.raises(DataError, match="journal that storypipe cannot use"):
+            change()
+    assert (tmp_path / "precious.txt").read_text() == "mine" and snapshot(story_dir) == before
+
+
+def test_a_planted_update_file_or_a_garbage_lock_file_does_not_stop_a_writer(pipe, story_dir):
+    (story_dir / UPDATE_DIR).write_text("not a folder")
+    (story_dir / LOCK_FILE).write_text("\x1b[31m[/bold] not a pid")
+    pipe.edit(story_dir, 1, "Then it rained.")
+    assert captions(story_dir)[1] == "Then it rained."
+    assert not (story_dir / UPDATE_DIR).exists() and not (story_dir / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("contents", ["[" * 100_000, '{"version": 1, "frames": "x"}', "\udcff", "null"])
+def test_a_hostile_story_json_is_one_clear_error(story_dir, contents):
+    (story_dir / "story.json").write_text(contents, errors="surrogateescape")
+    with pytest.raises(DataError, match="story.json is not a valid story.json"):
+        Story.load(story_dir)
+    result = cli("edit", "--story", story_dir, "--frame", "1", "--caption", "x")
+    assert result.exit_code == 2 and "is not a valid story.json" in one_line(result.output)
 
 
 # --------------------------------------------------------------------------------------------
