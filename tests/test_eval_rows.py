@@ -25,7 +25,7 @@ from eval.report import intrinsic_labels, results_markdown
 from eval.rows import IMAGE_ROWS, ROW_KEYS, TEXT_ROWS, Model
 from eval.runner import EvalModels, StoryFrames, evaluate, generate_story_outputs, select_stories
 from eval.scoring import Measures
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, StorypipeError
 from pipeline.prompts import PromptTemplates
 from pipeline.seeds import derive_seed
 from storypipe.config import resolve_config
@@ -441,3 +441,20 @@ def test_a_model_folder_with_other_weights_gives_its_systems_another_identity(tm
     # A hub id is its own fingerprint; an unset model has no identity (its rows are skipped).
     assert before["caption_baseline"]["model"] == cfg.eval.caption_baseline_model
     assert before["memory_illustrator"] is None
+
+
+def test_sharded_processes_share_the_keys_and_the_merge_refuses_a_share_made_otherwise(
+    stories, measures, toy_stories, tmp_path, every_row
+):
+    cfg = EvalConfig(split="train", max_stories=STORIES)
+
+    def process(out, index, identities):  # one process of two (the main one merges and scores)
+        return evaluate(stories, toy_stories, out, cfg, fake_models(stories), measures, index, 2,
+                        identities=identities)  # fmt: skip
+
+    assert process(tmp_path / "run", 1, fake_identities()) is None
+    assert process(tmp_path / "run", 0, fake_identities()) == every_row[0]  # as one process would score
+    # The other process ran with another illustrator setting: its story is not merged under this run's.
+    assert process(tmp_path / "mixed", 1, fake_identities(steps=3)) is None
+    with pytest.raises(StorypipeError, match=rf"{stories[1][0].story_id}\.json lacks rows .*sd_no_context"):
+        process(tmp_path / "mixed", 0, fake_identities())
