@@ -3,25 +3,37 @@
 The tables' rows are the records of :mod:`eval.rows`: each says which system produces it, from what, and
 what it is scored against. For every usable story of the split (in ``story_id`` order), every row that
 ``eval.rows`` selects and whose model is configured produces one text or one frame for each of frames
-1..n-1, and each is scored per frame. Per-story outputs are cached under ``OUT/cache/``, so a crashed run
-resumes where it stopped and a rerun only produces the rows a cached story lacks; under
-``accelerate launch`` each process takes every n-th story and the main process merges. Generated frames
-are kept under ``OUT/images/{row key}/``, the autoregressive stories as story folders under
-``OUT/stories/``. On ShapeStories the rows scored against the descriptions also get referential scores
-(:mod:`eval.referential_metrics`): does a description name the characters that the next story caption
-only calls "he", "she" or "they"?
+1..n-1, and each is scored per frame. Per-story outputs are cached under ``OUT/cache/`` (:mod:`eval.cache`),
+each row's under the key of what produced it (settings, model folders, seed, the story's inputs), so a
+crashed run resumes where it stopped and a rerun only produces the rows a cached story lacks or holds
+under another key; under ``accelerate launch`` each process takes every n-th story and the main process
+merges. Generated frames are kept under ``OUT/images/{row key}/``, the autoregressive stories as story
+folders under ``OUT/stories/``. On ShapeStories the rows scored against the descriptions also get
+referential scores (:mod:`eval.referential_metrics`): does a description name the characters that the
+next story caption only calls "he", "she" or "they"?
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
 
+from eval.cache import (
+    AR_DESCRIPTIONS,
+    KEYS,
+    RowKeys,
+    cache_path,
+    current_outputs,
+    drop_stale,
+    new_record,
+    read_record,
+    row_keys,
+)
 from eval.config import EvalConfig
 from eval.report import write_results
 from eval.rows import IMAGE_ROWS, TEXT_ROWS, ImageRow, Row, TextRow, select_rows
@@ -32,7 +44,6 @@ from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.orchestrator import FrameIllustrator
 from pipeline.seeds import derive_seed
 
-CACHE_DIR = "cache"
 IMAGES_DIR = "images"
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
 
@@ -99,14 +110,14 @@ def select_stories(
     return stories
 
 
-def new_record(story_id: str) -> dict[str, Any]:
-    """A story's outputs as cached: each row's texts or frame paths under its table and key."""
-    return {"story_id": story_id, "text": {}, "images": {}}
+def wanted_rows(models: EvalModels, cfg: EvalConfig) -> list[Row]:
+    """The rows this run produces and scores: those ``cfg.rows`` selects whose model is configured."""
+    return [row for row in select_rows((*TEXT_ROWS, *IMAGE_ROWS), cfg.rows) if models.has(row)]
 
 
 def rows_to_generate(record: dict, models: EvalModels, cfg: EvalConfig) -> list[Row]:
-    """The rows ``cfg.rows`` selects whose model is configured and whose outputs ``record`` lacks."""
-    wanted = [row for row in select_rows((*TEXT_ROWS, *IMAGE_ROWS), cfg.rows) if models.has(row)]
+    """The :func:`wanted_rows` whose outputs ``record`` lacks."""
+    wanted = wanted_rows(models, cfg)
     missing = [row for row in wanted if row.key not in record[row.table]]
     if any(row.autoregressive for row in missing):  # one told story feeds them all: tell it again for all
         missing += [row for row in wanted if row.autoregressive and row not in missing]
@@ -120,12 +131,15 @@ def generate_story_outputs(
     cfg: EvalConfig,
     out: Path,
     record: dict | None = None,
+    keys: RowKeys | None = None,
 ) -> dict:
-    """Add to ``record`` (a new one when None) the outputs of :func:`rows_to_generate`'s rows for one story.
+    """Add to ``record`` (a new one when None) the outputs of :func:`rows_to_generate`'s rows for one story,
+    each with its key from ``keys`` (:func:`eval.cache.row_keys`; None records none).
 
-    Frames are saved under ``out`` and their paths recorded. Seeds come from ``derive_seed(cfg.seed, ...)``
-    and the story id, so each story draws its own noise; frame k of every frame generator's row has the same
-    seed, so those rows differ only in what they are conditioned on.
+    Frames are saved under ``out`` and their paths recorded; the told story's folder is written afresh.
+    Seeds come from ``derive_seed(cfg.seed, ...)`` and the story id, so each story draws its own noise;
+    frame k of every frame generator's row has the same seed, so those rows differ only in what they are
+    conditioned on.
     """
     record = record if record is not None else new_record(story.story_id)
     rows = rows_to_generate(record, models, cfg)
@@ -141,9 +155,11 @@ def generate_story_outputs(
     told = None
     if any(row.autoregressive for row in rows):  # the whole pipeline, from the seed frame
         # Told with the seed eval.seed, as `storypipe generate --seed` would tell it; the story loop derives
-        # each frame's seeds from it.
-        told = models.tell_story(out / STORIES_DIR / story.story_id, images[0], captions[0], n, cfg.seed)
-        record["ar_descriptions"] = told.descriptions[1:]
+        # each frame's seeds from it. A story told before (under another key) is removed, not mixed in.
+        folder = out / STORIES_DIR / story.story_id
+        shutil.rmtree(folder, ignore_errors=True)
+        told = models.tell_story(folder, images[0], captions[0], n, cfg.seed)
+        record[AR_DESCRIPTIONS] = told.descriptions[1:]
 
     for row in rows:
         if isinstance(row, TextRow) and row.autoregressive:
@@ -159,6 +175,8 @@ def generate_story_outputs(
             seeds = [derive_seed(cfg.seed, "frame", story.story_id, k) for k in range(n)]
             drawn = draw_frames(row, getattr(models, row.model), images, prompts[row.prompts], seeds)
             record["images"][row.key] = [save(row, k, image) for k, image in enumerate(drawn, start=1)]
+        if keys is not None:
+            record[KEYS][row.table][row.key] = keys[row.table][row.key]
     return record
 
 
@@ -194,35 +212,66 @@ def predict_next_texts(
     raise ValueError(f"text row {row.key!r}: no code predicts texts with model {row.model!r}")
 
 
+def story_keys(
+    stories: list[tuple[VistStory, list[Image.Image]]],
+    models: EvalModels,
+    cfg: EvalConfig,
+    identities: Mapping[str, Any],
+) -> dict[str, RowKeys]:
+    """Each story's :func:`wanted_rows` keys, by story id; ``identities`` says what determines each
+    model's outputs (:func:`storypipe.wiring.eval_identities`)."""
+    rows = wanted_rows(models, cfg)
+    return {story.story_id: row_keys(story, rows, identities, cfg.seed) for story, _ in stories}
+
+
 def run_generation(
     stories: list[tuple[VistStory, list[Image.Image]]],
     models: EvalModels,
     cfg: EvalConfig,
     out: Path,
+    keys: Mapping[str, RowKeys],
     process_index: int = 0,
     num_processes: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Generate each of this process's stories, or only the rows its cached record lacks."""
+    """Generate each of this process's stories, or only the rows its cached record lacks or holds under
+    another key than ``keys`` (:func:`story_keys`) gives it."""
     mine = stories[process_index::num_processes]
+    rows = wanted_rows(models, cfg)
     for done, (story, images) in enumerate(mine, start=1):
-        path = out / CACHE_DIR / f"{story.story_id}.json"
-        record = json.loads(path.read_text()) if path.is_file() else new_record(story.story_id)
+        path = cache_path(out, story.story_id)
+        record = read_record(path, story) or new_record(story.story_id)
+        if drop_stale(record, rows, keys[story.story_id]):
+            atomic_write_json(path, record)  # before any of their files is overwritten
         if rows_to_generate(record, models, cfg):
-            atomic_write_json(path, generate_story_outputs(story, images, models, cfg, out, record))
+            record = generate_story_outputs(story, images, models, cfg, out, record, keys[story.story_id])
+            atomic_write_json(path, record)
         if progress is not None:
             progress(done, len(mine))
 
 
-def load_records(stories: list[tuple[VistStory, list[Image.Image]]], out: Path) -> list[dict]:
+def load_records(
+    stories: list[tuple[VistStory, list[Image.Image]]], out: Path, keys: Mapping[str, RowKeys]
+) -> list[dict]:
+    """Every story's cached record, with only the outputs cached under ``keys`` (:func:`story_keys`)."""
     records = []
     for story, _ in stories:
-        path = out / CACHE_DIR / f"{story.story_id}.json"
-        if not path.is_file():
+        path = cache_path(out, story.story_id)
+        record = read_record(path, story)
+        if record is None:
             raise StorypipeError(
                 f"{path} is missing: a process did not finish; rerun the same command to complete it"
             )
-        records.append(json.loads(path.read_text()))
+        current = current_outputs(record, keys[story.story_id])
+        lacking = [
+            row for table, rows in keys[story.story_id].items() for row in rows if row not in current[table]
+        ]
+        if lacking:
+            raise StorypipeError(
+                f"{path} lacks rows {', '.join(lacking)} as this run's settings make them: a process did not "
+                "finish, or ran with other settings; rerun the same command to complete it"
+            )
+        records.append(current)
     return records
 
 
@@ -235,7 +284,7 @@ def check_record_images(records: list[dict], out: Path, rows: Sequence[ImageRow]
                 if not full.is_file():
                     raise DataError(
                         f"story {record['story_id']}, row {row.key}: frame {full} is missing; delete "
-                        f"{out / CACHE_DIR / (record['story_id'] + '.json')} and rerun to regenerate it"
+                        f"{cache_path(out, record['story_id'])} and rerun to regenerate it"
                     )
 
 
@@ -255,19 +304,24 @@ def evaluate(
     num_processes: int = 1,
     wait_for_everyone: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    identities: Mapping[str, Any],
 ) -> dict | None:
     """Generate (sharded, cached), then on the main process score and write the results.
 
-    ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only. Only
-    the rows ``cfg.rows`` selects are scored, also when the cache holds others.
+    ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only;
+    ``identities`` says what determines each model's outputs (:func:`storypipe.wiring.eval_identities`),
+    part of every cached output's key. Only the rows ``cfg.rows`` selects whose model is configured are
+    scored, each from outputs cached under its current key, also when the cache holds others.
     """
-    # 1. Each process generates its share; what a cached story already holds is reused.
-    run_generation(stories, models, cfg, out, process_index, num_processes, progress)
+    # 1. Each process generates its share; what a cached story holds under the same key is reused.
+    keys = story_keys(stories, models, cfg, identities)
+    run_generation(stories, models, cfg, out, keys, process_index, num_processes, progress)
     wait_for_everyone()
     if process_index != 0:
         return None
     # 2. Merge, check, score, write.
-    records = load_records(stories, out)
+    records = load_records(stories, out, keys)
     text_rows, image_rows = select_rows(TEXT_ROWS, cfg.rows), select_rows(IMAGE_ROWS, cfg.rows)
     check_record_images(records, out, image_rows)
     vist_stories = [story for story, _ in stories]

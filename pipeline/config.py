@@ -78,6 +78,12 @@ def _is_model_path(tp: Any) -> bool:
     return False
 
 
+def model_path_fields(section: Any) -> tuple[str, ...]:
+    """The fields of a config section (a dataclass instance) that name a model: a hub id or a folder."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    return tuple(f.name for f in dataclasses.fields(section) if _is_model_path(hints[f.name]))
+
+
 def _resolve_model_paths(cls: Any, raw: dict, base: Path) -> None:
     """Resolve, in place, every model entry of a raw config tree read from a file in folder ``base``."""
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -383,6 +389,7 @@ __all__ = [
     "from_dict",
     "in_cache",
     "load_config",
+    "model_path_fields",
     "resolve_model_path",
     "save_resolved_config",
     "validate",

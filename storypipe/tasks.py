@@ -191,6 +191,7 @@ def evaluate(
             images=[f.image for f in story.frames],
         )
 
+    identities = wiring.eval_identities(cfg, captioners.prompts, device)  # after loading: tiny models exist
     models = EvalModels(
         captioners=captioners.with_temperature(ecfg.text_temperature),
         illustrator=generator,
@@ -210,6 +211,7 @@ def evaluate(
             num_processes=state.num_processes,
             wait_for_everyone=state.wait_for_everyone,
             progress=(lambda count, total: done.update(count, total)) if done is not None else None,
+            identities=identities,
         )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import in_cache
 from pipeline.errors import ConfigError, require_model_folder
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from eval.baselines import ImageToTextBaseline, TextOnlyBaseline
     from eval.scoring import Measures
     from llava_ft.captioners import Captioners
+    from pipeline.prompts import PromptTemplates
+    from storygen_ft.config import GeneratorConfig
     from storygen_ft.generator import FrameGenerator
 
 
@@ -54,20 +56,69 @@ def load_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> Fra
     return FrameGenerator.from_config(cfg.generator, device=device or resolve_device(cfg))
 
 
+def memory_generator_config(cfg: StorypipeConfig) -> GeneratorConfig | None:
+    """The generator section's settings with ``eval.memory_generator_model`` and ``context=memory``; None
+    when that model is unset."""
+    if cfg.eval.memory_generator_model is None:
+        return None
+    return dataclasses.replace(cfg.generator, base_model=cfg.eval.memory_generator_model, context="memory")
+
+
 def load_memory_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> FrameGenerator | None:
-    """The memory-attention frame generator of ``eval.memory_generator_model`` (None when unset): the
-    generator section's settings, with that model and ``context=memory``."""
+    """The memory-attention frame generator of :func:`memory_generator_config` (None when unset)."""
     from storygen_ft.generator import FrameGenerator
 
-    if cfg.eval.memory_generator_model is None:
+    memory = memory_generator_config(cfg)
+    if memory is None:
         return None
     require_model_folder(
         "eval.memory_generator_model",
-        cfg.eval.memory_generator_model,
+        memory.base_model,
         "`storypipe finetune-storygen --set generator.context=memory` trains one; or set it to null.",
     )
-    memory = dataclasses.replace(cfg.generator, base_model=cfg.eval.memory_generator_model, context="memory")
     return FrameGenerator.from_config(memory, device=device or resolve_device(cfg))
+
+
+# Config fields that never change what a loaded system outputs in `storypipe eval`: training, building a
+# tiny model (its folder's fingerprint counts instead), `storypipe edit`, and the story length and seed
+# (the eval tells each story at its own length, with eval.seed).
+NOT_IN_EVAL_OUTPUTS = {
+    "captioner": ("train", "pretrain", "lora", "tiny", "gradient_checkpointing"),
+    "generator": ("train", "pretrain", "tiny", "edit_strength"),
+    "story": ("frames", "seed"),
+}
+
+
+def eval_identities(cfg: StorypipeConfig, prompts: PromptTemplates, device: str) -> dict[str, Any]:
+    """What determines each system's outputs in `storypipe eval`, by :class:`eval.runner.EvalModels` field
+    (None where it is not configured): the settings it runs with, each model folder's fingerprint, the
+    captioners' prompt templates and the device type (CUDA decodes in bf16). Every cached output's key
+    covers it (:mod:`eval.cache`). Call it after the models load: a tiny model is built on first load."""
+    import torch
+
+    from eval.cache import model_fingerprint, section_identity
+
+    ecfg, device_type = cfg.eval, torch.device(device).type
+
+    def settings(section: Any, name: str) -> dict[str, Any]:
+        return section_identity(section, NOT_IN_EVAL_OUTPUTS[name])
+
+    def system(**parts: Any) -> dict[str, Any] | None:
+        """One system's identity; None when a part is missing (that system is not configured)."""
+        return None if None in parts.values() else {**parts, "device": device_type}
+
+    captioner = {**settings(cfg.captioner, "captioner"), "prompts": dataclasses.asdict(prompts)}
+    generator = settings(cfg.generator, "generator")
+    memory = memory_generator_config(cfg)
+    return {
+        # The text rows decode at eval.text_temperature; the told stories keep captioner.temperature.
+        "captioners": system(captioner={**captioner, "temperature": ecfg.text_temperature}),
+        "illustrator": system(generator=generator),
+        "memory_illustrator": system(generator=None if memory is None else settings(memory, "generator")),
+        "tell_story": system(captioner=captioner, generator=generator, story=settings(cfg.story, "story")),
+        "caption_baseline": system(model=model_fingerprint(ecfg.caption_baseline_model)),
+        "text_baseline": system(model=model_fingerprint(ecfg.text_baseline_model)),
+    }
 
 
 # What makes each measuring model of the eval section, for the error when its folder is missing.

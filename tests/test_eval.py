@@ -6,7 +6,9 @@ import json
 import shutil
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from eval.referential_metrics import is_pronoun_caption
 from eval.report import intrinsic_labels
@@ -115,6 +117,56 @@ def test_a_rerun_reuses_the_cache(evaluated, eval_options, toy_stories):
     assert result.exit_code == 0, result.output
     assert [path.stat().st_mtime_ns for path in cache] == stamps  # nothing regenerated
     assert json.loads((evaluated / "results.json").read_text())["text"] == before["text"]
+
+
+def test_a_rerun_with_other_generation_settings_regenerates_their_rows(
+    evaluated, eval_options, toy_stories, tmp_path
+):
+    """The issue's example: 3 steps and seed 7 into the folder of a 2-step, seed-0 run."""
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    frames = sorted((copy / "images" / "sd_no_context").iterdir())
+    drawn = [frame.read_bytes() for frame in frames]
+    before = json.loads((copy / "results.json").read_text())
+    settings = ["generator.num_inference_steps=3", "eval.seed=7", "eval.rows=[sd_no_context, ours_ar]"]
+    result = eval_cli(
+        toy_stories, copy, eval_options, "--max-stories", "2", *(a for s in settings for a in ("--set", s))
+    )
+    assert result.exit_code == 0, result.output
+    # Every frame drawn again, and scored again.
+    assert all(frame.read_bytes() != old for frame, old in zip(frames, drawn, strict=True))
+    results = json.loads((copy / "results.json").read_text())
+    assert results["images"]["sd_no_context"] != before["images"]["sd_no_context"]
+    for story in (copy / "stories").iterdir():  # told again from scratch, not mixed with the old telling
+        assert not (story / "history").exists()
+        assert json.loads((story / "story.json").read_text())["metadata"]["seed"] == 7
+        assert yaml.safe_load((story / "config.yaml").read_text())["generator"]["num_inference_steps"] == 3
+
+
+def test_a_model_folder_with_new_weights_regenerates_its_rows(eval_options, toy_stories, tiny_sd, tmp_path):
+    model, out = tmp_path / "sd", tmp_path / "run"
+    shutil.copytree(tiny_sd, model)
+    options = [*eval_options, "--set", f"generator.base_model={model}", "--set", "eval.rows=[sd_no_context]"]
+    result = eval_cli(toy_stories, out, options, "--max-stories", "1")
+    assert result.exit_code == 0, result.output
+    frames = sorted((out / "images" / "sd_no_context").iterdir())
+    drawn = [frame.read_bytes() for frame in frames]
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor * 0.5 for name, tensor in load_file(weights).items()}, weights)  # other weights
+    result = eval_cli(toy_stories, out, options, "--max-stories", "1")
+    assert result.exit_code == 0, result.output
+    assert all(frame.read_bytes() != old for frame, old in zip(frames, drawn, strict=True))
+
+
+def test_a_corrupt_cache_file_is_a_clear_error(evaluated, eval_options, toy_stories, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    victim = sorted((copy / "cache").iterdir())[0]
+    victim.write_text(victim.read_text()[:100])  # truncated, as by a full disk
+    result = eval_cli(toy_stories, copy, eval_options, "--max-stories", "2")
+    assert result.exit_code == 2, result.output
+    assert f"error: {victim} is not a valid eval cache file" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_a_missing_generated_frame_is_a_clear_error(evaluated, eval_options, toy_stories, tmp_path):

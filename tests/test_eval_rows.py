@@ -2,12 +2,17 @@
 as its record says, ``eval.rows`` leaves rows out, and the report follows the registry's order.
 
 The systems under test are fakes that answer from the ground truth, so a row scored against the wrong
-reference shows; the measuring models are a tiny random CLIP and an exact-match sentence similarity.
+reference shows; the measuring models are a tiny random CLIP and an exact-match sentence similarity. The
+fakes' identities (what storypipe.wiring.eval_identities gives a real system) are their settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import shutil
 import typing
 from dataclasses import dataclass
 
@@ -20,9 +25,11 @@ from eval.report import intrinsic_labels, results_markdown
 from eval.rows import IMAGE_ROWS, ROW_KEYS, TEXT_ROWS, Model
 from eval.runner import EvalModels, StoryFrames, evaluate, generate_story_outputs, select_stories
 from eval.scoring import Measures
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError, StorypipeError
+from pipeline.prompts import PromptTemplates
 from pipeline.seeds import derive_seed
 from storypipe.config import resolve_config
+from storypipe.wiring import eval_identities
 from toy.builders import build_tiny_clip
 
 STORIES = 2
@@ -55,17 +62,31 @@ class _RecordingIllustrator:
 
 
 class _TruthfulCaptioners:
-    """Predicts exactly the next GT story caption, or the next GT description."""
+    """Predicts exactly the next GT story caption, or the next GT description; records each call's seed."""
 
     def __init__(self, texts) -> None:
         self.next = {tuple(t.captions[:-1]): t.captions[1:] for t in texts}
         self.described = {tuple(t.captions[:-1]): t.descriptions[1:] for t in texts}
+        self.calls = []
 
     def next_story_captions(self, images, captions, seed=None):
+        self.calls.append(seed)
         return list(self.next[tuple(captions)])
 
     def describe_batch(self, images, current, upcoming, seed=None):
+        self.calls.append(seed)
         return list(self.described[tuple(current)])
+
+
+class _RecordingBaseline:
+    """A baseline that gives ``answer(inputs)`` and records each call's inputs."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.calls = answer, []
+
+    def __call__(self, inputs):
+        self.calls.append(inputs)
+        return self.answer(inputs)
 
 
 @dataclass
@@ -91,17 +112,28 @@ class _RecordingTeller:
         return StoryFrames(truth.captions, truth.descriptions, images)
 
 
-def fake_models(stories) -> EvalModels:
-    """Every model of EvalModels, each a fake that records or answers from the ground truth."""
+def fake_models(stories, steps: int = 20) -> EvalModels:
+    """Every model of EvalModels, each a fake that records or answers from the ground truth. The
+    illustrator's frames depend on its setting ``steps``, as a real one's on its denoising steps."""
     texts = [_texts(story) for story, _ in stories]
     return EvalModels(
         captioners=_TruthfulCaptioners(texts),
-        illustrator=_RecordingIllustrator((0, 0, 0)),
+        illustrator=_RecordingIllustrator((0, 0, steps)),
         memory_illustrator=_RecordingIllustrator((255, 0, 0), max_references=2),
         tell_story=_RecordingTeller(texts),
-        caption_baseline=lambda images: ["a picture"] * len(images),
-        text_baseline=lambda captions: "and then it ended.",
+        caption_baseline=_RecordingBaseline(lambda images: ["a picture"] * len(images)),
+        text_baseline=_RecordingBaseline(lambda captions: "and then it ended."),
     )
+
+
+def fake_identities(steps: int = 20) -> dict[str, object]:
+    """What determines each fake's outputs: its settings (the illustrator's steps), else just its name."""
+    return {name: name for name in typing.get_args(Model)} | {"illustrator": {"steps": steps}}
+
+
+def calls(models: EvalModels) -> dict[str, int]:
+    """How often each fake of ``models`` was called."""
+    return {field.name: len(getattr(models, field.name).calls) for field in dataclasses.fields(EvalModels)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +166,11 @@ def every_row(stories, measures, toy_stories, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-rows") / "all"
     models = fake_models(stories)
     cfg = EvalConfig(split="train", max_stories=STORIES)
-    return evaluate(stories, toy_stories, out, cfg, models, measures), models, out
+    return (
+        evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities()),
+        models,
+        out,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +262,7 @@ def test_rows_left_out_are_neither_generated_nor_reported_and_a_rerun_adds_them(
     models = fake_models(stories)
     chosen = ["gt", "ours_description", "memory_non_ar"]
     cfg = EvalConfig(split="train", max_stories=STORIES, rows=chosen)
-    results = evaluate(stories, toy_stories, out, cfg, models, measures)
+    results = evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities())
     assert list(results["text"]) == ["ours_description"]
     assert list(results["images"]) == ["gt", "memory_non_ar"]
     assert list(results["intrinsic"]) == ["sis"]
@@ -240,7 +276,10 @@ def test_rows_left_out_are_neither_generated_nor_reported_and_a_rerun_adds_them(
 
     # Every row now: the cached stories get only the rows they lack.
     models = fake_models(stories)
-    results = evaluate(stories, toy_stories, out, dataclasses.replace(cfg, rows=None), models, measures)
+    results = evaluate(
+        stories, toy_stories, out, dataclasses.replace(cfg, rows=None), models, measures,
+        identities=fake_identities(),
+    )  # fmt: skip
     assert list(results["images"]) == [row.key for row in IMAGE_ROWS]
     assert len(models.memory_illustrator.calls) == FRAMES  # memory_story_captions_refs only
     assert {call[0] for call in models.memory_illustrator.calls} <= {
@@ -250,7 +289,10 @@ def test_rows_left_out_are_neither_generated_nor_reported_and_a_rerun_adds_them(
 
     # Nothing is lacking any more: nothing is generated.
     models = fake_models(stories)
-    evaluate(stories, toy_stories, out, dataclasses.replace(cfg, rows=None), models, measures)
+    evaluate(
+        stories, toy_stories, out, dataclasses.replace(cfg, rows=None), models, measures,
+        identities=fake_identities(),
+    )  # fmt: skip
     assert models.memory_illustrator.calls == models.illustrator.calls == models.tell_story.calls == []
 
 
@@ -282,3 +324,137 @@ def test_memory_rows_use_the_memory_illustrator_with_gt_references(stories, tmp_
         assert Image.open(tmp_path / record["images"][key][0]).getpixel((0, 0)) == (255, 0, 0)
     without = generate_story_outputs(story, images, EvalModels(illustrator=plain), EvalConfig(), tmp_path)
     assert "memory_non_ar" not in without["images"]
+
+
+# --------------------------------------------------------------------------------------------
+# The cache: keyed by what determines each row's outputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_rerun_regenerates_the_rows_whose_settings_changed_and_reuses_the_others(
+    stories, measures, toy_stories, tmp_path
+):
+    out, cfg = tmp_path / "run", EvalConfig(split="train", max_stories=STORIES)
+    first = evaluate(
+        stories, toy_stories, out, cfg, fake_models(stories), measures, identities=fake_identities()
+    )
+    frame = out / "images" / "sd_no_context" / f"{stories[0][0].story_id}_1.png"
+    assert Image.open(frame).getpixel((0, 0)) == (0, 0, 20)
+    nothing = dict.fromkeys(calls(fake_models(stories)), 0)
+
+    # The same settings: every row is reused.
+    models = fake_models(stories)
+    again = evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities())
+    assert calls(models) == nothing and again == first
+
+    # Another illustrator setting (3 steps): its rows are drawn again, with its new frames; no other row.
+    illustrator_rows = sum(row.model == "illustrator" for row in IMAGE_ROWS)
+    models = fake_models(stories, steps=3)
+    results = evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities(steps=3))
+    assert calls(models) == nothing | {"illustrator": illustrator_rows * FRAMES}
+    assert Image.open(frame).getpixel((0, 0)) == (0, 0, 3)
+    assert results["images"]["sd_no_context"] != first["images"]["sd_no_context"]
+    assert results["text"] == first["text"]
+
+    # Another seed (7): every row of a system given a seed, with seed-7 seeds; not the greedy baselines.
+    models = fake_models(stories, steps=3)
+    evaluate(stories, toy_stories, out, dataclasses.replace(cfg, seed=7), models, measures,
+             identities=fake_identities(steps=3))  # fmt: skip
+    assert calls(models) == {
+        "captioners": 2 * STORIES, "illustrator": illustrator_rows * FRAMES, "memory_illustrator": 2 * FRAMES,
+        "tell_story": STORIES, "caption_baseline": 0, "text_baseline": 0,
+    }  # fmt: skip
+    assert {call[3] for call in models.illustrator.calls} == {
+        derive_seed(7, "frame", story.story_id, k) for story, _ in stories for k in range(1, 5)
+    }
+
+
+def test_a_row_whose_model_is_no_longer_configured_is_not_reported_from_the_cache(
+    stories, measures, toy_stories, tmp_path
+):
+    out, cfg = tmp_path / "run", EvalConfig(split="train", max_stories=STORIES)
+    evaluate(stories, toy_stories, out, cfg, fake_models(stories), measures, identities=fake_identities())
+    models = dataclasses.replace(fake_models(stories), memory_illustrator=None)
+    results = evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities())
+    assert "memory_non_ar" not in results["images"] and "sd_no_context" in results["images"]
+    # Still cached under its own key: configured again, it is reused.
+    models = fake_models(stories)
+    results = evaluate(stories, toy_stories, out, cfg, models, measures, identities=fake_identities())
+    assert "memory_non_ar" in results["images"] and models.memory_illustrator.calls == []
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda text: text[: len(text) // 2], ""),  # truncated, as by a full disk
+        (lambda text: b"\xff" + text.encode(), "can't decode byte 0xff"),  # not UTF-8
+        (lambda text: "[]", "it holds a list, not an object"),
+        (lambda text: text.replace('"story_id": "', '"story_id": "x'), "its story_id is 'x"),
+        (lambda text: json.dumps({**json.loads(text), "text": {"ours_ar": ["only one"]}}),
+         '"text" must map each row to a list of 4 strings'),
+        (lambda text: json.dumps({**json.loads(text), "keys": []}), '"keys" must hold an object for "text"'),
+    ],
+)  # fmt: skip
+def test_a_corrupt_cache_file_is_a_clear_error_naming_it(
+    every_row, stories, measures, toy_stories, tmp_path, damage, problem
+):
+    out = tmp_path / "copy"
+    shutil.copytree(every_row[2], out)
+    path = out / "cache" / f"{stories[0][0].story_id}.json"
+    damaged = damage(path.read_text())
+    path.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+    cfg = EvalConfig(split="train", max_stories=STORIES)
+    with pytest.raises(
+        DataError, match=rf"{re.escape(str(path))} is not a valid eval cache file.*{re.escape(problem)}"
+    ):
+        evaluate(stories, toy_stories, out, cfg, fake_models(stories), measures, identities=fake_identities())
+
+
+def test_a_model_folder_with_other_weights_gives_its_systems_another_identity(tmp_path):
+    folder = tmp_path / "sd"
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"0" * 64)
+    cfg = resolve_config(preset="tiny", overrides=[f"generator.base_model={folder}"])
+    prompts = PromptTemplates.load()
+    before = eval_identities(cfg, prompts, "cpu")
+    assert eval_identities(cfg, prompts, "cpu") == before  # nothing changed, nothing to regenerate
+
+    # Retrained weights of the same size, written later (set explicitly: a file system's clock may be
+    # coarser than this test): the generator's systems change, the captioners and baselines do not.
+    stamp = weights.stat().st_mtime_ns + 10**9
+    weights.write_bytes(b"1" * 64)
+    os.utime(weights, ns=(stamp, stamp))
+    after = eval_identities(cfg, prompts, "cpu")
+    assert {name for name in before if after[name] != before[name]} == {"illustrator", "tell_story"}
+    (folder / "unet" / "extra.safetensors").write_bytes(b"")  # a file more
+    assert eval_identities(cfg, prompts, "cpu")["illustrator"] != after["illustrator"]
+    # Another generator setting, and another device type (CUDA decodes in bf16), change them too.
+    steps = resolve_config(
+        preset="tiny", overrides=[f"generator.base_model={folder}", "generator.num_inference_steps=3"]
+    )
+    assert (
+        eval_identities(steps, prompts, "cpu")["illustrator"]
+        != eval_identities(cfg, prompts, "cpu")["illustrator"]
+    )
+    assert eval_identities(cfg, prompts, "cuda")["captioners"] != before["captioners"]
+    # A hub id is its own fingerprint; an unset model has no identity (its rows are skipped).
+    assert before["caption_baseline"]["model"] == cfg.eval.caption_baseline_model
+    assert before["memory_illustrator"] is None
+
+
+def test_sharded_processes_share_the_keys_and_the_merge_refuses_a_share_made_otherwise(
+    stories, measures, toy_stories, tmp_path, every_row
+):
+    cfg = EvalConfig(split="train", max_stories=STORIES)
+
+    def process(out, index, identities):  # one process of two (the main one merges and scores)
+        return evaluate(stories, toy_stories, out, cfg, fake_models(stories), measures, index, 2,
+                        identities=identities)  # fmt: skip
+
+    assert process(tmp_path / "run", 1, fake_identities()) is None
+    assert process(tmp_path / "run", 0, fake_identities()) == every_row[0]  # as one process would score
+    # The other process ran with another illustrator setting: its story is not merged under this run's.
+    assert process(tmp_path / "mixed", 1, fake_identities(steps=3)) is None
+    with pytest.raises(StorypipeError, match=rf"{stories[1][0].story_id}\.json lacks rows .*sd_no_context"):
+        process(tmp_path / "mixed", 0, fake_identities())
