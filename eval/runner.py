@@ -15,6 +15,7 @@ next story caption only calls "he", "she" or "they"?
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from pipeline.orchestrator import FrameIllustrator
 from pipeline.seeds import derive_seed
 
 IMAGES_DIR = "images"
+SAFE_STORY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
 
 
@@ -102,6 +104,12 @@ def select_stories(
 ) -> list[tuple[VistStory, list[Image.Image]]]:
     split = load_vist_split(data_dir, cfg.split, story_length=story_length)
     stories = list(split.iter_usable(limit=cfg.max_stories))
+    for story, _ in stories:  # each id names files and folders under OUT: it must not lead out of it
+        if not SAFE_STORY_ID.fullmatch(story.story_id):
+            raise DataError(
+                f"split {cfg.split!r} of {data_dir}: story_id {story.story_id!r} is not a plain name (letters, "
+                "digits, '.', '_' and '-', not starting with '.'); the eval names its files after story ids"
+            )
     if not stories:
         raise DataError(
             f"no usable story in split {cfg.split!r} of {data_dir}"

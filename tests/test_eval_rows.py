@@ -458,3 +458,18 @@ def test_sharded_processes_share_the_keys_and_the_merge_refuses_a_share_made_oth
     assert process(tmp_path / "mixed", 1, fake_identities(steps=3)) is None
     with pytest.raises(StorypipeError, match=rf"{stories[1][0].story_id}\.json lacks rows .*sd_no_context"):
         process(tmp_path / "mixed", 0, fake_identities())
+
+
+@pytest.mark.parametrize("story_id", ["../../outside", ".hidden", "a/b", ""])
+def test_a_story_id_that_would_name_a_path_outside_out_is_refused(tmp_path, toy_stories, story_id):
+    data = tmp_path / "data"
+    shutil.copytree(toy_stories, data)
+    path = data / "sis" / "train.story-in-sequence.json"
+    document = json.loads(path.read_text())
+    first = document["annotations"][0][0]["story_id"]
+    for (annotation,) in document["annotations"]:
+        if annotation["story_id"] == first:
+            annotation["story_id"] = story_id
+    path.write_text(json.dumps(document))
+    with pytest.raises(DataError, match="is not a plain name"):
+        select_stories(data, EvalConfig(split="train"), story_length=5)
