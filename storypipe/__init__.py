@@ -8,6 +8,7 @@ they build on the shared core, ``pipeline``.
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.errors import InputError, StorypipeError
+from pipeline.folder_lock import FolderInUse
 from pipeline.orchestrator import StoryEvents
 from pipeline.story import Frame, Story
 from storypipe.api import StoryPipeline
@@ -17,4 +18,13 @@ try:
 except PackageNotFoundError:  # a checkout that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Frame", "InputError", "Story", "StoryEvents", "StoryPipeline", "StorypipeError", "__version__"]
+__all__ = [
+    "FolderInUse",
+    "Frame",
+    "InputError",
+    "Story",
+    "StoryEvents",
+    "StoryPipeline",
+    "StorypipeError",
+    "__version__",
+]
