@@ -283,9 +283,24 @@ class StoryWriter:
         """Stage the new state under ``.update/``, commit its journal, apply it. ``saved`` is the story on
         disk that ``story`` changes (None: replace it whole); ``history`` names the snapshot to keep."""
         staging = self.folder / UPDATE_DIR
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt of this process that failed
+        _finish_interrupted_update(self.folder)  # an earlier update of this writer that an error interrupted
         staging.mkdir(NEW_FOLDER_MODE)
-        moves: list[str] = []  # paths relative to both the staging and the story folder, in order
+        try:
+            moves, removals = self._stage(staging, story, saved, history)
+            self._check_writable([*moves, *removals])
+        except Exception:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing was committed: the story is as it was
+            raise
+        # The commit point, then the update itself.
+        atomic_write_json(staging / JOURNAL_NAME, {"moves": moves, "removals": removals})
+        _apply_update(self.folder)
+
+    def _stage(
+        self, staging: Path, story: Story, saved: Story | None, history: tuple[str, list[str]] | None
+    ) -> tuple[list[str], list[str]]:
+        """Write under ``staging`` every file the update adds; returns ``(moves, removals)``, paths relative
+        to both ``staging`` and the story folder."""
+        moves: list[str] = []
 
         # 1. The history entry: copies of story.json and of the frames the change replaces.
         if history is not None:
@@ -317,9 +332,19 @@ class StoryWriter:
         if saved is None:
             removals += [HISTORY_DIR] + ([RESOLVED_CONFIG_NAME] if story.config is None else [])
 
-        # 4. The commit point, then the update itself.
-        atomic_write_json(staging / JOURNAL_NAME, {"moves": moves, "removals": removals})
-        _apply_update(self.folder)
+        return moves, removals
+
+    def _check_writable(self, paths: list[str]) -> None:
+        """Refuse before the commit point when a folder the update writes into is read-only, so an update is
+        never committed that cannot be applied (``os.access`` also sees a read-only file system)."""
+        for relative in paths:
+            place = (self.folder / relative).parent
+            while not place.exists():
+                place = place.parent
+            if not os.access(place, os.W_OK):
+                raise DataError(
+                    f"cannot write into {place}: it is read-only, so {self.folder} was left as it was"
+                )
 
     def _frame_files(self) -> set[str]:
         frames = self.folder / FRAMES_DIR

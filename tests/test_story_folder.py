@@ -412,6 +412,15 @@ def test_a_failed_edit_leaves_no_history_entry(pipe, story_dir, monkeypatch):
     assert snapshot(story_dir) == before
 
 
+def test_an_edit_into_a_read_only_frames_folder_is_refused_before_it_commits(pipe, story_dir, monkeypatch):
+    before = snapshot(story_dir)
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: writable(path, mode) and Path(path).name != "frames")
+    with pytest.raises(DataError, match=r"cannot write into .*frames: it is read-only"):
+        pipe.edit(story_dir, 1, "Then it rained.")
+    assert snapshot(story_dir) == before  # no history entry, no staging left behind
+
+
 def test_an_update_interrupted_after_its_commit_is_finished_by_the_next_reader(tmp_path, pipe, story_dir):
     pristine = tmp_path / "pristine"
     shutil.copytree(story_dir, pristine)
