@@ -472,9 +472,9 @@ def generate(
                 "would change the story; drop " + ("it" if len(conflicting) == 1 else "them")
             )
         pipe = StoryPipeline.from_story(resume)
-        run.note_zero_shot(pipe)
         with run.progress() as progress:
             story = pipe.resume(resume, events=run.story_events(progress))
+        run.note_zero_shot(pipe)
         folder = resume
     else:
         if image is None or caption is None:
