@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,16 @@ from pipeline.io import atomic_write_text
 from pipeline.story import MAX_FRAMES, MAX_SEED, MIN_FRAMES, is_valid_seed
 
 RESOLVED_CONFIG_NAME = "config.yaml"
+
+# Bounds on what a config file may hold, checked before it is turned into Python objects. The presets
+# are about 6 KB, 3 levels deep and a few hundred values; a file far outside these is not a config
+# (a binary, a log) or is built to exhaust memory (a "billion laughs" of nested aliases).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 64  # nested mappings and lists
+MAX_CONFIG_VALUES = 100_000  # values once aliases are expanded
+QUOTED_VALUE_CHARS = 60
+# libyaml's safe loader when PyYAML has it (its wheels do): the same documents, several times faster.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # how much of a wrong value an error message quotes
 
 T = TypeVar("T")
 
@@ -200,14 +211,7 @@ def load_config(
     values they are relative to the working directory (see :func:`resolve_model_path`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a valid YAML file: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_config_file(path)
     _resolve_model_paths(cls, raw, base=path.resolve().parent)
     config = from_dict(cls, raw, source=str(path))
     for override in overrides:
@@ -227,10 +231,90 @@ def _parse_override(override: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. --set data.image_size=256")
+    return key, (parse_yaml(value_text, f"--set {_quote(override)}: the value") if value_text.strip() else "")
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping of sections in YAML file ``path``; anything else is a one-line ``ConfigError``."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the YAML file itself")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file; give a YAML file")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is a short YAML text "
+            "(the presets are about 6 KB): is it the right file?"
+        )
     try:
-        return key, (yaml.safe_load(value_text) if value_text.strip() else "")
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {override!r}: the value is not valid YAML: {exc}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a config file is YAML text: "
+            "is it the right file?"
+        ) from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path} is empty; write the sections to change, or {{}} for every default")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, after checking its nesting depth and its size with aliases expanded
+    (so a small file cannot exhaust the stack or the memory); every error is one line naming ``source``."""
+    try:
+        _check_yaml_size(text, source)
+        return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 (a safe loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(filter(None, (exc.context, exc.problem))) or "unreadable"
+        raise ConfigError(f"{source} is not valid YAML: {problem}{where}") from None
+    except yaml.reader.ReaderError as exc:  # a control character or a byte that is not text
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(
+            f"{source} is not valid YAML: {exc.reason} (#x{character:04x} at character {exc.position})"
+        ) from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an impossible date, a 5000-digit number
+        raise ConfigError(f"{source} is not valid YAML: a value could not be read ({exc})") from None
+
+
+def _check_yaml_size(text: str, source: str) -> None:
+    """Walk the YAML event stream (which needs neither recursion nor the values themselves) and refuse
+    nesting deeper than ``MAX_CONFIG_DEPTH`` or more than ``MAX_CONFIG_VALUES`` values with aliases
+    expanded."""
+    values = 0
+    open_collections: list[tuple[int, str | None]] = []  # (values before it, its anchor)
+    anchor_values: dict[str, int] = {}  # anchor -> values in the node it names
+    for event in yaml.parse(text, Loader=YAML_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            values += anchor_values.get(event.anchor, 1)  # an alias inside its own node counts once
+        elif isinstance(event, yaml.ScalarEvent):
+            values += 1
+            if event.anchor is not None:
+                anchor_values[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_collections.append((values, event.anchor))
+            values += 1
+            if len(open_collections) > MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{source} nests mappings or lists more than {MAX_CONFIG_DEPTH} deep; "
+                    "a config is a few levels of sections"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            start, anchor = open_collections.pop()
+            if anchor is not None:
+                anchor_values[anchor] = values - start
+        if values > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source} holds more than {MAX_CONFIG_VALUES} values once its aliases (*name) are "
+                "expanded; a config holds a few hundred"
+            )
 
 
 def _set_value(raw: dict, cls: type, key: str, value: Any, source: str) -> None:
@@ -279,6 +363,11 @@ def from_dict(cls: type[T], data: dict, source: str, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            where = f"in {prefix} " if prefix else ""
+            raise ConfigError(
+                f"{source}: the key {_quote(key)} {where}is not a name; keys are section and setting names"
+            )
         if key not in hints:
             raise ConfigError(_unknown_key_message(cls, key, source, prefix))
         full = f"{prefix}.{key}" if prefix else key
@@ -295,7 +384,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     args = typing.get_args(tp)
 
     def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+        return ConfigError(
+            f"{source}: {key} must be {expected}, got {_quote(value)} ({type(value).__name__})"
+        )
 
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, source, key)
@@ -346,6 +437,13 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     raise ConfigError(f"{source}: {key} has a type the config loader does not support: {tp!r}")
 
 
+def _quote(value: Any) -> str:
+    """A short repr of a value for an error message, however large or deeply nested the value is."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, QUOTED_VALUE_CHARS, QUOTED_VALUE_CHARS
+    return short.repr(value)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
@@ -390,6 +488,8 @@ __all__ = [
     "in_cache",
     "load_config",
     "model_path_fields",
+    "parse_yaml",
+    "read_config_file",
     "resolve_model_path",
     "save_resolved_config",
     "validate",

@@ -34,6 +34,11 @@ def is_temp_path(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
 
 
+# The largest annotation file of VIST, FlintstonesSV and PororoSV is well under this; a JSON file above
+# it is not one of theirs, and json.load would need several times its size in memory.
+MAX_JSON_BYTES = 2 << 30
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
 
@@ -98,6 +103,24 @@ def atomic_write_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def read_json(path: str | Path, advice: str) -> Any:
+    """The JSON document in ``path``; a file that is too large, not UTF-8, not JSON, or nested too deeply
+    for Python is a one-line ``DataError`` that names it and ends with ``advice`` ("re-download it")."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise DataError(f"{path} is larger than {MAX_JSON_BYTES >> 30} GiB, too large to be a dataset's "
+                            f"annotation file; {advice}")  # fmt: skip
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise DataError(f"{path} could not be read ({exc.strerror}); {advice}") from exc
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to be a dataset's annotation file; {advice}") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or a number too long to convert
+        raise DataError(f"{path} is not valid JSON ({exc}); {advice}") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from pipeline.config import RESOLVED_CONFIG_NAME
+from pipeline.config import RESOLVED_CONFIG_NAME, read_config_file
 from pipeline.errors import DataError
 from pipeline.folder_lock import LOCK_FILE, FolderLock
 from pipeline.io import (
@@ -146,12 +146,7 @@ def _read_story(folder: Path, complete_only: bool) -> Story:
     if not frames:
         raise DataError(f"{folder}: the seed frame's image is missing; start a new story instead")
     config_path = _inside(folder, RESOLVED_CONFIG_NAME)
-    config = None
-    if config_path.is_file():
-        try:
-            config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise DataError(f"{config_path} is not a valid config file: {exc}") from exc
+    config = read_config_file(config_path) if config_path.exists() else None  # bounded: no YAML bomb
     return Story(frames, data["metadata"], config)
 
 

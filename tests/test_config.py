@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.config import config_to_dict, load_config, resolve_model_path, save_resolved_config
 from pipeline.errors import ConfigError
+from storypipe.api import StoryPipeline
 from storypipe.cli import app
 from storypipe.config import StorypipeConfig, presets_dir, resolve_config
 
@@ -164,3 +165,77 @@ def test_cli_config_errors_exit_2_with_one_clear_line(tmp_path):
     assert "unknown config key 'data.imagesize'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["show-config", "--preset", "tiny", "--set", "toy.seed=7"])
     assert result.exit_code == 0 and yaml.safe_load(result.output)["toy"]["seed"] == 7
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile config files: each is one ConfigError line that names the file, never a traceback or a hang
+# --------------------------------------------------------------------------------------------
+
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs": ``levels`` lists of 9 aliases of the one before, 9**levels values in all."""
+    nodes = ["&l0 [x, x, x, x, x, x, x, x, x]"]
+    nodes += [f"&l{level} [{', '.join([f'*l{level - 1}'] * 9)}]" for level in range(1, levels)]
+    return f"[{', '.join(nodes)}]"
+
+
+HOSTILE_CONFIGS = {
+    "binary": (bytes(range(256)) * 4, "is not UTF-8 text"),
+    "control characters": (b"data:\x00\x01\n", r"is not valid YAML: (special|control) characters .*#x0000"),
+    "python tag": (b"!!python/object/apply:os.system ['true']\n", r"not valid YAML: .*tag.* at line 1"),
+    "not a mapping": (b"- data\n- toy\n", "must hold a mapping of sections, got list"),
+    # Our own depth check, or libyaml's (when PyYAML has it), whichever comes first.
+    "deep nesting": (
+        b"[" * 20_000 + b"]" * 20_000,
+        "nests mappings or lists more than|exceeded maximum nesting depth",
+    ),
+    "alias bomb": (f"data:\n  image_size: {_laughs(6)}\n".encode(), "once its aliases .* are expanded"),
+    "empty": (b"", "is empty"),
+    "only comments": (b"# nothing here\n", "is empty"),
+    "huge": (b"# " + b"x" * (2 * 1024 * 1024) + b"\n", "is larger than"),
+    "5000-digit number": (b"data:\n  image_size: " + b"9" * 5000 + b"\n", "a value could not be read"),
+    "number as key": (b"1: 2\n", "the key 1 is not a name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_a_hostile_config_file_is_one_config_error_naming_the_file(case, tmp_path):
+    data, expected = HOSTILE_CONFIGS[case]
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(data)
+    for load in (lambda: load_config(StorypipeConfig, path), lambda: StoryPipeline.from_config(path)):
+        with pytest.raises(ConfigError, match=expected) as info:
+            load()
+        message = str(info.value)
+        assert str(path) in message and len(message.splitlines()) == 1 and len(message) < 400, message
+
+
+def test_a_folder_given_as_config_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        load_config(StorypipeConfig, tmp_path)
+
+
+def test_a_hostile_set_value_is_one_config_error():
+    with pytest.raises(
+        ConfigError,
+        match=r"^--set 'data.image_size=\[\[.*(nests mappings or lists|exceeded maximum nesting depth)",
+    ):
+        resolve_config(preset="tiny", overrides=["data.image_size=" + "[" * 5000 + "]" * 5000])
+    with pytest.raises(
+        ConfigError, match=r"data.image_size must be an integer, got \[\[\[.*\.\.\.\]\]\] \(list\)$"
+    ):
+        resolve_config(preset="tiny", overrides=["data.image_size=" + str([[list(range(1000))]])])
+
+
+@pytest.mark.parametrize("command", [["show-config"], ["generate", "--caption", "Hi.", "--image"]])
+@pytest.mark.parametrize("case", ["binary", "deep nesting", "empty"])
+def test_cli_hostile_config_file_exits_2_with_one_error_line(command, case, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(HOSTILE_CONFIGS[case][0])
+    seed = tmp_path / "seed.png"
+    seed.write_bytes(b"")
+    args = [*command, str(seed)] if command[0] == "generate" else command
+    result = runner.invoke(app, [*args, "--config", str(path)], catch_exceptions=False)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.output

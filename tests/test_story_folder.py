@@ -26,7 +26,7 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.config import load_config
-from pipeline.errors import DataError, InputError
+from pipeline.errors import ConfigError, DataError, InputError
 from pipeline.folder_lock import LOCK_FILE, FolderInUse
 from pipeline.io import load_rgb
 from pipeline.progress import ProgressReporter
@@ -193,6 +193,15 @@ def test_a_hostile_story_json_is_one_clear_error(story_dir, contents):
         Story.load(story_dir)
     result = cli("edit", "--story", story_dir, "--frame", "1", "--caption", "x")
     assert result.exit_code == 2 and "is not a valid story.json" in one_line(result.output)
+
+
+def test_a_config_yaml_bomb_in_a_story_folder_is_refused(story_dir):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
+    )
+    (story_dir / "config.yaml").write_text(bomb)  # 9**9 values once expanded
+    with pytest.raises(ConfigError, match="config.yaml holds more than .* values once its aliases"):
+        Story.load(story_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pipeline.data.referential import (
 )
 from pipeline.data.storysv import convert_storysv
 from pipeline.data.vist import SPLITS, VistSplit, dii_path, load_vist_split, sis_path
-from pipeline.errors import DataError
+from pipeline.errors import DataError, InputError
 from pipeline.io import load_rgb
 
 SIZE = 32  # frame side in pixels
@@ -485,3 +485,231 @@ def test_referential_rejects_mismatched_lengths_and_unknown_pronouns():
         referential_captions(["a", "b"], [set()], FLINTSTONES_PRONOUNS)
     with pytest.raises(ValueError, match="unknown pronoun"):
         referential_captions(["a"], [set()], {"fred": "xe"})
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: each is one DataError naming the file, raised before anything is written
+# --------------------------------------------------------------------------------------------
+
+NINE_TIB = (9 << 40,)  # elements of int8: 9 TiB
+
+
+@dataclass(frozen=True)
+class _Reduce:
+    """Pickles as ``function(*args)``, then ``__setstate__(state)`` when a state is given."""
+
+    function: object
+    args: tuple
+    state: object = None
+
+    def __reduce__(self):
+        return (self.function, self.args) if self.state is None else (self.function, self.args, self.state)
+
+
+def _reconstruct():
+    return np.zeros(1).__reduce__()[0]  # numpy's _reconstruct, under its own module name
+
+
+HOSTILE_PICKLES = {
+    # numpy allocates _reconstruct's shape, then __setstate__'s, before it compares either with the data
+    "9 TiB _reconstruct": (_Reduce(_reconstruct(), (np.ndarray, NINE_TIB, b"b")), "would take 9,216 GiB"),
+    "9 TiB object state": (
+        _Reduce(_reconstruct(), (np.ndarray, (0,), b"b"), (1, NINE_TIB, np.dtype("O"), False, [1])),
+        "would take",
+    ),
+    # numpy reads past an object list shorter than the shape (a crash for longer shapes)
+    "short object list": (
+        _Reduce(_reconstruct(), (np.ndarray, (0,), b"b"), (1, (2,), np.dtype("O"), False, [1])),
+        "does not match its shape",
+    ),
+    # a record dtype whose field lies 1000 bytes past its 8: numpy does not check a pickled dtype
+    "field out of bounds": (
+        _Reduce(
+            _reconstruct(),
+            (np.ndarray, (0,), b"b"),
+            (
+                1,
+                (1,),
+                _Reduce(
+                    np.dtype,
+                    ("V8", False, True),
+                    (3, "|", None, ("a",), {"a": (np.dtype("f8"), 1000)}, 8, 1, 16),
+                ),
+                False,
+                b"12345678",
+            ),
+        ),
+        "refusing dtype",
+    ),
+    # ndarray(shape, dtype, buffer, offset, strides) reads any memory
+    "ndarray over any memory": (
+        _Reduce(np.ndarray, ((4,), "f8", b"12345678", 0, (-(1 << 20),))),
+        "refusing|only numpy arrays",
+    ),
+    "other codecs": (_Reduce(__import__("codecs").encode, (b"x", "zlib")), "only latin-1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
+def test_a_hostile_pickle_is_refused_before_numpy_allocates_or_reads(case, tmp_path):
+    payload, expected = HOSTILE_PICKLES[case]
+    fixture = write_flintstones(tmp_path / "src")
+    (fixture.root / "labels.pkl").write_bytes(pickle.dumps({"x": payload}, protocol=2))
+    with pytest.raises(DataError, match=f"labels.pkl could not be loaded as data .*({expected})"):
+        convert_storysv("flintstones", fixture.root, tmp_path / "vist")
+    assert not (tmp_path / "vist").exists()
+
+
+def _npy_header(descr: str, shape: str) -> bytes:
+    """A .npy format 1.0 header, as written by hand: it can claim anything."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * (63 - (10 + len(text)) % 64) + "\n"
+    return np.lib.format.magic(1, 0) + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def _first_clip(root: Path) -> Path:
+    return sorted((root / "video_frames_sampled").iterdir())[0]
+
+
+def _last_clip(root: Path) -> Path:
+    return sorted((root / "video_frames_sampled").iterdir())[-1]
+
+
+HOSTILE_FILES = {
+    # (dataset, file to replace, its new content or a function of the source root, message)
+    "npy header claims 9 TiB": (
+        "pororo",
+        "img_cache4.npy",
+        _npy_header("|S40", "(250000000000,)"),
+        "would take",
+    ),
+    "npy shorter than its header": (
+        "pororo",
+        "img_cache4.npy",
+        _npy_header("|S40", "(5,)") + b"x" * 10,
+        "the file is truncated",
+    ),
+    "npy negative shape": ("pororo", "img_cache4.npy", _npy_header("|S40", "(-5,)"), "not a tuple of sizes"),
+    "object clip": ("flintstones", _first_clip, None, "expected RGB frames"),
+    "truncated clip": ("flintstones", _last_clip, b"", "not a readable .npy file"),
+    "clip of no frames": ("flintstones", _last_clip, "empty clip", "expected RGB frames"),
+    "labels that are text": ("flintstones", "labels.pkl", "text labels", "should be 7 zeros or ones"),
+    "followings that are a number": (
+        "flintstones",
+        "following_cache4.pkl",
+        "number followings",
+        "should be a list of globalIDs",
+    ),
+    "split ids of dicts": (
+        "flintstones",
+        "train-val-test_split.json",
+        b'{"train": [{}], "val": [], "test": []}',
+        "lists of globalIDs",
+    ),
+    "deeply nested split file": (
+        "flintstones",
+        "train-val-test_split.json",
+        b"[" * 100_000 + b"]" * 100_000,
+        "nested too deeply",
+    ),
+    "binary annotations": (
+        "flintstones",
+        "flintstones_annotations_v1-0.json",
+        bytes(range(128, 256)),
+        "is not valid JSON",
+    ),
+    "a description that is not text": (
+        "flintstones",
+        "flintstones_annotations_v1-0.json",
+        "dict descriptions",
+        "should have text",
+    ),
+    "split ids that are text": (
+        "pororo",
+        "train_seen_unseen_ids.npy",
+        "text split ids",
+        "list of story indices",
+    ),
+    "no captions": ("pororo", "descriptions.npy", "empty captions", "should be a list of texts"),
+    "frame names that are numbers": (
+        "pororo",
+        "img_cache4.npy",
+        "number frame names",
+        "expected frame names",
+    ),
+}
+
+
+def _hostile_content(kind: str, path: Path) -> None:
+    """Rewrite ``path`` (a file of the fixture) into the hostile ``kind``."""
+    if kind == "empty clip":
+        np.save(path, np.zeros((0, SIZE, SIZE, 3), np.uint8))
+    elif kind == "text labels":
+        path.write_bytes(
+            pickle.dumps({key: "yes" for key in pickle.loads(path.read_bytes(), encoding="latin1")})
+        )
+    elif kind == "number followings":
+        path.write_bytes(pickle.dumps({key: 4 for key in pickle.loads(path.read_bytes())}))
+    elif kind == "dict descriptions":
+        entries = json.loads(path.read_text())
+        path.write_text(json.dumps([dict(entry, description={"text": "x"}) for entry in entries]))
+    elif kind == "text split ids":
+        split_ids = np.empty(3, dtype=object)
+        split_ids[0], split_ids[1], split_ids[2] = ["0"], ["1"], ["2"]
+        save_npy_numpy1(path, split_ids)
+    elif kind == "empty captions":
+        captions = np.load(path, allow_pickle=True).item()
+        save_npy_numpy1(path, object_array({key: [] for key in captions}))
+    elif kind == "number frame names":
+        np.save(path, np.arange(len(np.load(path))))
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
+def test_a_hostile_input_file_is_a_data_error_before_anything_is_written(case, tmp_path):
+    dataset, target, content, expected = HOSTILE_FILES[case]
+    fixture = WRITERS[dataset](tmp_path / "src")
+    path = target(fixture.root) if callable(target) else fixture.root / target
+    if content is None:
+        save_npy_numpy1(path, object_array({"not": "frames"}))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _hostile_content(content, path)
+    with pytest.raises(DataError, match=expected) as caught:
+        convert_storysv(dataset, fixture.root, tmp_path / "vist")
+    assert path.name in str(caught.value) and len(str(caught.value).splitlines()) == 1
+    assert not (tmp_path / "vist").exists()  # nothing created before the inputs are validated
+
+
+def test_a_frame_that_fails_halfway_leaves_the_earlier_conversion_as_it_was(tmp_path):
+    fixture = write_flintstones(tmp_path / "src")
+    out = tmp_path / "vist"
+    convert_storysv("flintstones", fixture.root, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    np.save(_last_clip(fixture.root), np.full((FRAMES_PER_CLIP, SIZE, SIZE, 3), 1000.0))  # found on reading
+    with pytest.raises(DataError, match="frame values should lie in 0..255"):
+        convert_storysv("flintstones", fixture.root, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "vist"]  # no staging folder left
+
+
+def test_an_output_folder_of_other_files_is_refused_and_left_alone(tmp_path):
+    fixture = write_pororo(tmp_path / "src")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="mine holds other files than a converted dataset .*notes.txt"):
+        convert_storysv("pororo", fixture.root, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    out.rmdir()
+    out.write_text("a file")
+    with pytest.raises(InputError, match="is a file"):
+        convert_storysv("pororo", fixture.root, out)
+
+
+def test_a_source_that_is_a_file_is_a_data_error(tmp_path):
+    src = tmp_path / "src.zip"
+    src.write_bytes(b"PK")
+    with pytest.raises(DataError, match="src.zip is not a folder: a PororoSV folder holds"):
+        convert_storysv("pororo", src, tmp_path / "vist")

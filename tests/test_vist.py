@@ -117,3 +117,29 @@ def test_duplicate_photo_order_is_dropped(vist_root):
     path.write_text(json.dumps(data))
     split = load_vist_split(vist_root, SPLIT)
     assert split.dropped["bad_photo_order"] == ["99"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (bytes(range(128, 256)) * 4, "is not valid JSON .*utf-8"),  # a binary file
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"annotations": [], "images": 5}', "'images' must be a list"),
+    ],
+)
+def test_a_hostile_annotation_file_is_a_data_error_naming_it(vist_root, content, expected):
+    sis = vist.sis_path(vist_root, "train")
+    sis.write_bytes(content)
+    with pytest.raises(DataError, match=expected) as caught:
+        load_vist_split(vist_root, "train")
+    assert str(sis) in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_a_photo_order_that_is_not_a_number_drops_the_story(vist_root):
+    sis = vist.sis_path(vist_root, "train")
+    data = json.loads(sis.read_text())
+    first = data["annotations"][0][0]
+    first["worker_arranged_photo_order"] = "third"
+    sis.write_text(json.dumps(data))
+    loaded = load_vist_split(vist_root, "train")
+    assert loaded.dropped[vist.BAD_PHOTO_ORDER] == [str(first["story_id"])]

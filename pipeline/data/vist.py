@@ -21,7 +21,6 @@ time, in :meth:`VistSplit.iter_usable` (a 40k-story split never decodes everythi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.io import ImageDecodeError, atomic_write_json, load_rgb
+from pipeline.io import ImageDecodeError, atomic_write_json, load_rgb, read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -167,6 +166,8 @@ def load_vist_split(root: str | Path, split: str, story_length: int = 5) -> Vist
     sis = _read_vist_json(sis_file)
     dii = _read_vist_json(dii_file)
     image_files = _index_images(image_folder)
+    if not isinstance(sis.get("images", []), list):
+        raise DataError(f"{sis_file}: 'images' must be a list of image entries")
     labels = {
         str(entry["id"]): entry["labels"]
         for entry in sis.get("images", [])
@@ -195,7 +196,10 @@ def load_vist_split(root: str | Path, split: str, story_length: int = 5) -> Vist
     stories: list[VistStory] = []
     dropped: dict[str, list[str]] = {}
     for story_id in sorted(grouped, key=story_sort_key):
-        annotations = sorted(grouped[story_id], key=lambda a: int(a["worker_arranged_photo_order"]))
+        if any(_photo_order(a) is None for a in grouped[story_id]):
+            dropped.setdefault(BAD_PHOTO_ORDER, []).append(story_id)
+            continue
+        annotations = sorted(grouped[story_id], key=_photo_order)
         reason = _structural_drop_reason(annotations, story_length, descriptions, image_files)
         if reason is not None:
             dropped.setdefault(reason, []).append(story_id)
@@ -228,7 +232,7 @@ def _structural_drop_reason(
 ) -> str | None:
     if len(annotations) != story_length:
         return WRONG_LENGTH
-    if [int(a["worker_arranged_photo_order"]) for a in annotations] != list(range(story_length)):
+    if [_photo_order(a) for a in annotations] != list(range(story_length)):
         return BAD_PHOTO_ORDER
     if any(not str(a["original_text"]).strip() for a in annotations):
         return EMPTY_CAPTION
@@ -238,6 +242,14 @@ def _structural_drop_reason(
     if any(photo_id not in image_files for photo_id in photo_ids):
         return MISSING_IMAGE
     return None
+
+
+def _photo_order(annotation: dict) -> int | None:
+    """``worker_arranged_photo_order`` as an integer (VIST writes integers; "3" is read as 3), else None."""
+    order = annotation["worker_arranged_photo_order"]
+    if isinstance(order, str) and order.strip().isdigit():
+        return int(order)
+    return order if isinstance(order, int) and not isinstance(order, bool) else None
 
 
 def story_sort_key(story_id: str) -> tuple[int, int, str]:
@@ -255,11 +267,7 @@ def _index_images(folder: Path) -> dict[str, str]:
 
 
 def _read_vist_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-download or re-generate it") from exc
+    data = read_json(path, "re-download or re-generate it")
     if not isinstance(data, dict) or "annotations" not in data:
         raise DataError(
             f"{path} is not a VIST annotation file: expected an object with an 'annotations' list"
