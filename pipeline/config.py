@@ -35,7 +35,9 @@ MAX_CONFIG_DEPTH = 64  # nested mappings and lists
 MAX_CONFIG_VALUES = 100_000  # values once aliases are expanded
 QUOTED_VALUE_CHARS = 60
 # libyaml's safe loader when PyYAML has it (its wheels do): the same documents, several times faster.
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # how much of a wrong value an error message quotes
+YAML_LOADER = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)  # how much of a wrong value an error message quotes
 
 T = TypeVar("T")
 

@@ -197,7 +197,8 @@ def test_a_hostile_story_json_is_one_clear_error(story_dir, contents):
 
 def test_a_config_yaml_bomb_in_a_story_folder_is_refused(story_dir):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
+        f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n"
+        for previous, name in zip("abcdefgh", "bcdefghi", strict=True)
     )
     (story_dir / "config.yaml").write_text(bomb)  # 9**9 values once expanded
     with pytest.raises(ConfigError, match="config.yaml holds more than .* values once its aliases"):
