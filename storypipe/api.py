@@ -52,9 +52,19 @@ def story_config_path(folder: str | Path) -> Path:
     """A story folder's ``config.yaml``: the resolved config it was told with."""
     check_contained(Path(folder))
     path = Path(folder) / RESOLVED_CONFIG_NAME
+    if not (Path(folder) / STORY_JSON_NAME).exists():
+        raise DataError(no_story_message(Path(folder)))
     if not path.is_file():
         raise DataError(f"{path} does not exist: is {folder} a story folder written by `storypipe generate`?")
     return path
+
+
+def no_story_message(folder: Path) -> str:
+    """Why a folder without ``story.json`` cannot be continued or edited, and what to do."""
+    return (
+        f"{folder / STORY_JSON_NAME} does not exist, so {folder} holds no story: its first write never finished "
+        f"(then tell the story again with `storypipe generate --out {folder}`), or it is not a story folder"
+    )
 
 
 class StoryPipeline:
@@ -201,11 +211,7 @@ class StoryPipeline:
         folder = Path(folder)
         with open_for_writing(folder) as writer:
             if not writer.holds_story:
-                raise DataError(
-                    f"{folder / STORY_JSON_NAME} does not exist, so there is nothing to continue: the first write "
-                    f"of {folder} never finished (or it is not a story folder). Tell the story again into it "
-                    f"with `storypipe generate --out {folder}`."
-                )
+                raise DataError(no_story_message(folder))
             story = writer.load(complete_only=True)
             self._check_told_with_this_config(folder)
             self._teller(events).continue_story(story, self._frame_finished(story, writer, on_frame))

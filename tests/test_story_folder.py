@@ -505,8 +505,13 @@ def test_a_first_write_that_died_is_reported_and_can_be_told_again(tmp_path, pip
     Image.new("RGB", (64, 64)).save(folder / "frames" / "frame_00.png")
     (folder / "config.yaml").write_text("story: {}\n")
     (folder / ".story.json.0123abcd.tmp").write_text('{"vers')  # the write that died
-    with pytest.raises(DataError, match="nothing to continue: the first write .* never finished"):
+    with pytest.raises(DataError, match="holds no story: its first write never finished"):
         pipe.resume(folder)
+    result = cli("generate", "--resume", folder)
+    assert (
+        result.exit_code == 2
+        and f"tell the story again with `storypipe generate --out {folder}`" in one_line(result.output)
+    )
     assert not (folder / ".story.json.0123abcd.tmp").exists()  # removed by the next run
     story = pipe.tell(seed_png, "Rosa waved hello.", frames=3, save_to=folder)  # no --overwrite needed
     assert captions(folder) == [f.story_caption for f in story.frames]
