@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import RESOLVED_CONFIG_NAME, read_config_file
-from pipeline.errors import DataError
+from pipeline.errors import DataError, InputError
 from pipeline.folder_lock import LOCK_FILE, FolderLock
 from pipeline.io import (
     NEW_FOLDER_MODE,
@@ -210,6 +210,17 @@ class StoryWriter:
             ]
         return sorted(unknown)
 
+    def check_no_unknown_entries(self) -> None:
+        """A new story goes only into a folder that holds nothing but storypipe's files (say, of a first
+        write that died): never in beside other files, which a later ``--overwrite`` would then not own."""
+        unknown = self.unknown_entries()
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise InputError(
+                f"{self.folder} is not empty and holds no story (it has {shown}); choose another folder for "
+                "the story: --overwrite replaces only a story that storypipe wrote"
+            )
+
     def load(self, complete_only: bool = False) -> Story:
         return _read_story(self.folder, complete_only)
 
@@ -257,6 +268,7 @@ class StoryWriter:
         """
         _check_images(story)
         if not self.holds_story:
+            self.check_no_unknown_entries()
             self.start(story)
             self.finish(story)
             return

@@ -369,13 +369,7 @@ def check_story_target(writer: StoryWriter, overwrite: bool, seed_image: object)
     """
     folder = writer.folder
     if not writer.holds_story:
-        unknown = writer.unknown_entries()
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            raise InputError(
-                f"{folder} is not empty and holds no story (it has {shown}); choose another folder for the "
-                "story: --overwrite replaces only a story that storypipe wrote"
-            )
+        writer.check_no_unknown_entries()
         return False
     if not overwrite:
         raise InputError(

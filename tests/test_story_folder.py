@@ -288,6 +288,14 @@ def test_overwrite_refuses_a_folder_that_is_not_a_story(tmp_path, pipe, seed_png
     assert snapshot(tmp_path) == before
 
 
+def test_saving_a_story_never_puts_it_beside_other_files(tmp_path, pipe, seed_png):
+    (tmp_path / "notes.txt").write_text("mine")
+    story = pipe.tell(seed_png, "x", frames=2)
+    with pytest.raises(InputError, match="is not empty and holds no story"):
+        story.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "seed.png"]
+
+
 def test_overwrite_refuses_a_story_holding_the_seed_or_the_current_directory(pipe, story_dir, monkeypatch):
     seed_inside = story_dir / "frames" / "frame_00.png"
     before = snapshot(story_dir)
