@@ -32,10 +32,9 @@ from PIL import Image, ImageDraw
 from pipeline.config import ToyDataConfig
 from pipeline.data.vist import (
     SPLITS,
+    VistSplitWriter,
     dii_annotation,
-    images_dir,
     sis_annotation,
-    write_vist_split,
 )
 from pipeline.io import atomic_save_image
 
@@ -500,12 +499,7 @@ def generate_shapestories(
     sizes = split_sizes(cfg)
     story_number = 0
     for split in SPLITS:
-        folder = images_dir(out, split)
-        folder.mkdir(parents=True, exist_ok=True)  # exists even for an empty split, as the loader expects
-        sis: list[list[dict]] = []
-        dii: list[list[dict]] = []
-        images: list[dict] = []
-        albums: list[dict] = []
+        docs = VistSplitWriter(out, split)
         for _ in range(sizes[split]):
             story_id, album_id = str(FIRST_STORY_ID + story_number), str(FIRST_ALBUM_ID + story_number)
             frames = plan_story(rng)
@@ -513,13 +507,15 @@ def generate_shapestories(
             photo_ids = [str(first_photo + order) for order in range(STORY_LENGTH)]
             captions = story_captions(frames)
             for order, (frame, caption, photo_id) in enumerate(zip(frames, captions, photo_ids, strict=True)):
-                sis.append(sis_annotation(story_id, album_id, photo_id, order, caption))
-                dii.append(dii_annotation(album_id, photo_id, order, describe_frame(frame)))
-                images.append({"id": photo_id, "album_id": album_id, "labels": frame_labels(frame)})
-                atomic_save_image(folder / f"{photo_id}{IMAGE_SUFFIX}", render_frame(frame, cfg.image_size))
-            albums.append({"id": album_id, "title": f"ShapeStories {story_id}", "primary": photo_ids[0]})
+                docs.sis.append(sis_annotation(story_id, album_id, photo_id, order, caption))
+                docs.dii.append(dii_annotation(album_id, photo_id, order, describe_frame(frame)))
+                docs.images.append({"id": photo_id, "album_id": album_id, "labels": frame_labels(frame)})
+                atomic_save_image(
+                    docs.folder / f"{photo_id}{IMAGE_SUFFIX}", render_frame(frame, cfg.image_size)
+                )
+            docs.albums.append({"id": album_id, "title": f"ShapeStories {story_id}", "primary": photo_ids[0]})
             story_number += 1
             if progress is not None:
                 progress(1)
-        write_vist_split(out, split, sis, dii, images, albums)
+        docs.write()
     return sizes

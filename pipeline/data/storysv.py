@@ -56,10 +56,9 @@ from pipeline.data.referential import (
 )
 from pipeline.data.vist import (
     SPLITS,
+    VistSplitWriter,
     dii_annotation,
-    images_dir,
     sis_annotation,
-    write_vist_split,
 )
 from pipeline.errors import DataError, InputError
 from pipeline.io import atomic_save_image, atomic_write_folder, read_json
@@ -199,12 +198,7 @@ def _write_split(
     progress: Callable[[int], None] | None,
 ) -> int:
     """Write one split's images and SIS/DII files under ``out``; returns its number of stories."""
-    folder = images_dir(out, split)
-    folder.mkdir(parents=True, exist_ok=True)  # exists even for an empty split, as the loader expects
-    sis: list[list[dict]] = []
-    dii: list[list[dict]] = []
-    images: list[dict] = []
-    albums: list[dict] = []
+    docs = VistSplitWriter(out, split)
     written: set[str] = set()
     album_ids: set[str] = set()
     for story in source.stories[split]:
@@ -215,19 +209,21 @@ def _write_split(
             captions = referential_captions(captions, characters, source.pronouns, source.aliases)
         album_id = frames[0].album_id
         for order, (frame, text) in enumerate(zip(frames, captions, strict=True)):
-            sis.append(sis_annotation(story.story_id, album_id, frame.photo_id, order, text))
+            docs.sis.append(sis_annotation(story.story_id, album_id, frame.photo_id, order, text))
             if frame.photo_id in written:
                 continue
             written.add(frame.photo_id)
-            dii.append(dii_annotation(frame.album_id, frame.photo_id, order, frame.caption))
-            images.append({"id": frame.photo_id, "album_id": frame.album_id, "labels": frame.labels})
-            atomic_save_image(folder / f"{frame.photo_id}{IMAGE_SUFFIX}", source.read_image(frame.image_file))
+            docs.dii.append(dii_annotation(frame.album_id, frame.photo_id, order, frame.caption))
+            docs.images.append({"id": frame.photo_id, "album_id": frame.album_id, "labels": frame.labels})
+            atomic_save_image(
+                docs.folder / f"{frame.photo_id}{IMAGE_SUFFIX}", source.read_image(frame.image_file)
+            )
             if frame.album_id not in album_ids:
                 album_ids.add(frame.album_id)
-                albums.append({"id": frame.album_id, "title": f"{source.dataset} {frame.album_id}"})
+                docs.albums.append({"id": frame.album_id, "title": f"{source.dataset} {frame.album_id}"})
         if progress is not None:
             progress(1)
-    write_vist_split(out, split, sis, dii, images, albums)
+    docs.write()
     return len(source.stories[split])
 
 

@@ -352,17 +352,30 @@ SIS_TIER = "story-in-sequence"
 DII_TIER = "descriptions-in-isolation"
 
 
-def write_vist_split(
-    root: str | Path,
-    split: str,
-    sis: list[list[dict]],
-    dii: list[list[dict]],
-    images: list[dict],
-    albums: list[dict],
-) -> None:
-    """Write one split's SIS and DII files (atomically), both carrying the same image and album lists."""
-    atomic_write_json(sis_path(root, split), vist_document(sis, images, albums, SIS_TIER))
-    atomic_write_json(dii_path(root, split), vist_document(dii, images, albums, DII_TIER))
+@dataclass
+class VistSplitWriter:
+    """One split of a VIST-layout folder being written: each frame's image goes into :attr:`folder` (made
+    at once: the loader expects it even for an empty split) and its annotations into the lists, which
+    :meth:`write` saves as the split's SIS and DII files (atomically, both with the same images and albums)."""
+
+    root: Path
+    split: str
+    sis: list[list[dict]] = field(default_factory=list)
+    dii: list[list[dict]] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+    albums: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.folder = images_dir(self.root, self.split)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self) -> None:
+        atomic_write_json(
+            sis_path(self.root, self.split), vist_document(self.sis, self.images, self.albums, SIS_TIER)
+        )
+        atomic_write_json(
+            dii_path(self.root, self.split), vist_document(self.dii, self.images, self.albums, DII_TIER)
+        )
 
 
 def _vist_tokenised(text: str) -> str:
