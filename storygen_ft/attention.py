@@ -16,6 +16,11 @@ have zero-initialised output projections, so an untrained model reproduces its b
 StoryGen sums ``(attn2(.) + h) + (attn3(.) + h)``, counting ``h`` twice; we add the branch once, which
 keeps that equality.
 
+``storygen_exact`` instead reproduces StoryGen's block math, for weights imported from their checkpoint
+(``storypipe import-storygen``); it records and reads the raw post-self-attention state ``h`` (not
+``norm2(h)``), which a forward pre-hook on ``norm2`` hands to the processor:
+``h <- (attn2(norm2(h), text) + h) + (attn3(norm4(h), references) + h)``.
+
 The new layers live in an ``nn.ModuleDict`` outside the UNet (the processors only reference them), so
 the UNet's own weights and ``save_pretrained`` output stay plain SD 1.5.
 Note: ``set_default_attn_processor``, ``fuse_qkv_projections`` and xformers replace these processors.
@@ -33,7 +38,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-ContextKind = Literal["storygen", "memory"]
+ContextKind = Literal["storygen", "storygen_exact", "memory"]
 MEMORY_INITIAL_TEMPERATURE = 10.0  # cosine-similarity logits scale at initialisation
 
 
@@ -77,6 +82,19 @@ class ReferenceCrossAttention(nn.Module):
         with torch.no_grad():
             for name in ("to_q", "to_k", "to_v"):
                 getattr(layer, name).weight.copy_(getattr(attn1, name).weight)
+        return layer
+
+    @classmethod
+    def from_block(cls, block: BasicTransformerBlock) -> ReferenceCrossAttention:
+        """StoryGen's initialisation: ``attn3`` and ``norm4`` copy ``attn1`` and ``norm1``, output included
+        (haoningwu3639/StoryGen, model/unet_2d_condition.py, ``load_SDM_state_dict``)."""
+        attn1 = block.attn1
+        layer = cls(attn1.to_q.in_features, attn1.heads)
+        with torch.no_grad():
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(layer, name).weight.copy_(getattr(attn1, name).weight)
+            layer.to_out.load_state_dict(attn1.to_out[0].state_dict())
+            layer.norm.load_state_dict(block.norm1.state_dict())
         return layer
 
     def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
@@ -171,6 +189,41 @@ class StoryCrossAttnProcessor(AttnProcessor2_0):
         return text + self.context(hidden_states, story, self.layer)
 
 
+class StoryGenExactCrossAttnProcessor(AttnProcessor2_0):
+    """StoryGen's block math on the text cross-attention (haoningwu3639/StoryGen, model/attention.py,
+    ``BasicTransformerBlock.forward``): ``record`` stores the raw post-self-attention state ``h``;
+    ``attend`` returns ``attn2(norm2(h)) + attn3(norm4(h), refs) + h``, so that the block's own residual
+    makes it ``h_t + h_i`` with ``h`` counted twice. Rows without references get the plain block.
+
+    ``h`` is the input of the block's ``norm2``, captured by :meth:`capture` (a forward pre-hook).
+    """
+
+    def __init__(self, layer: str, context: ReferenceCrossAttention) -> None:
+        super().__init__()
+        self.layer = layer
+        self.context = context
+        self.post_self_attention: torch.Tensor | None = None  # (rows, L, C), set per call by capture
+
+    def capture(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on ``norm2``: keep its input, the post-self-attention state."""
+        self.post_self_attention = args[0]  # (rows, L, C)
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, story=None
+    ):
+        text = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        raw, self.post_self_attention = self.post_self_attention, None
+        if story is None:
+            return text
+        if raw is None or raw.shape != hidden_states.shape:
+            raise RuntimeError(f"{self.layer}: the post-self-attention state was not captured")
+        if story.mode == "record":
+            story.features[self.layer] = raw  # (rows, L, C)
+            return text
+        has_reference = story.reference_mask.any(dim=1)[:, None, None].to(raw.dtype)  # (rows, 1, 1)
+        return text + self.context(raw, story, self.layer) + raw * has_reference  # (rows, L, C)
+
+
 def layer_key(block_name: str) -> str:
     """ModuleDict key of a transformer block's context layer (module names may not contain dots)."""
     return block_name.replace(".", "__")
@@ -183,6 +236,8 @@ def build_context_layers(unet: nn.Module, kind: ContextKind, text_dim: int) -> n
         if isinstance(module, BasicTransformerBlock) and module.attn2 is not None:
             if kind == "storygen":
                 layers[layer_key(name)] = ReferenceCrossAttention.from_self_attention(module.attn1)
+            elif kind == "storygen_exact":
+                layers[layer_key(name)] = ReferenceCrossAttention.from_block(module)
             else:
                 layers[layer_key(name)] = MemoryAttention(module.attn1.to_q.in_features, text_dim)
     if not layers:
@@ -190,14 +245,24 @@ def build_context_layers(unet: nn.Module, kind: ContextKind, text_dim: int) -> n
     return layers
 
 
-def install_story_processors(unet: nn.Module, layers: nn.ModuleDict) -> None:
-    """Put the story processors on every attention of ``unet``'s transformer blocks."""
+def install_story_processors(unet: nn.Module, layers: nn.ModuleDict, kind: ContextKind) -> None:
+    """Put the story processors on every attention of ``unet``'s transformer blocks (for
+    ``storygen_exact`` also the pre-hook on each block's ``norm2``)."""
     processors = {}
     for (
         name
     ) in unet.attn_processors:  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
         block, _, attention = name.removesuffix(".processor").rpartition(".")
-        if attention == "attn2":
+        if attention == "attn2" and kind == "storygen_exact":
+            transformer_block = unet.get_submodule(block)
+            if transformer_block.norm_type != "layer_norm":
+                raise ValueError(
+                    f"{block}: storygen_exact needs layer_norm blocks, not {transformer_block.norm_type}"
+                )
+            processor = StoryGenExactCrossAttnProcessor(layer_key(block), layers[layer_key(block)])
+            transformer_block.norm2.register_forward_pre_hook(processor.capture)
+            processors[name] = processor
+        elif attention == "attn2":
             processors[name] = StoryCrossAttnProcessor(layer_key(block), layers[layer_key(block)])
         else:
             processors[name] = StorySelfAttnProcessor()
@@ -205,4 +270,7 @@ def install_story_processors(unet: nn.Module, layers: nn.ModuleDict) -> None:
 
 
 def story_processors_installed(unet: nn.Module) -> bool:
-    return any(isinstance(p, StoryCrossAttnProcessor) for p in unet.attn_processors.values())
+    return any(
+        isinstance(p, (StoryCrossAttnProcessor, StoryGenExactCrossAttnProcessor))
+        for p in unet.attn_processors.values()
+    )

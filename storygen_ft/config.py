@@ -123,8 +123,9 @@ class GeneratorConfig:
     # or a folder written by `storypipe finetune-storygen` (the same plus the added layers).
     base_model: ModelPath = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # "storygen": an added cross-attention over the reference frames' features (StoryGen).
+    # "storygen_exact": StoryGen's own block math, for weights from `storypipe import-storygen`.
     # "memory": Make-A-Story's memory attention (current sentence -> previous sentences -> previous frames).
-    context: Literal["storygen", "memory"] = "storygen"
+    context: Literal["storygen", "storygen_exact", "memory"] = "storygen"
     resolution: int = 512
     max_references: int = 3  # previous frames the context reads (StoryGen uses 3)
     scheduler: str = "ddim"

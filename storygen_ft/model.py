@@ -9,7 +9,8 @@ loads either kind with one call; the UNet's own weights are never modified by th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ class StoryDiffusion(nn.Module):
             if context_layers is not None
             else build_context_layers(unet, context_kind, text_dim)
         )
-        install_story_processors(unet, self.context_layers)
+        install_story_processors(unet, self.context_layers, context_kind)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ----------------------------------------------------------------------------------------
@@ -116,20 +117,9 @@ class StoryDiffusion(nn.Module):
                 "set generator.context to match or point generator.base_model at another folder"
             )
         kind = context or (saved["context"] if saved else "storygen")
-        try:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
-            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        vae, text_encoder, tokenizer, sampler = load_sd_parts(name_or_path, scheduler)
+        with model_load_errors(name_or_path):
             unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
-            sampler = SCHEDULER_CLASSES[scheduler].from_pretrained(name_or_path, subfolder="scheduler")
-        except (OSError, ValueError) as exc:
-            raise model_load_error(
-                "diffusion model",
-                name_or_path,
-                exc,
-                "Set generator.base_model to an SD 1.5-layout folder or a reachable hub id, train one with "
-                "`make finetune-storygen`, or use --preset tiny to build a tiny model offline.",
-            ) from exc
         model = cls(vae, text_encoder, tokenizer, unet, sampler, kind)
         if saved is not None:
             model.context_layers.load_state_dict(load_file(str(folder / CONTEXT_WEIGHTS)))
@@ -248,6 +238,31 @@ class StoryDiffusion(nn.Module):
         pixels = self.vae.decode(latents / self.latent_scale).sample  # (B, 3, H, W) in [-1, 1]
         pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(array) for array in pixels]
+
+
+@contextmanager
+def model_load_errors(name_or_path: str | Path) -> Iterator[None]:
+    """Turn a diffusers/transformers loading failure into storypipe's error with the way out."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise model_load_error(
+            "diffusion model",
+            name_or_path,
+            exc,
+            "Set generator.base_model to an SD 1.5-layout folder or a reachable hub id, train one with "
+            "`make finetune-storygen`, or use --preset tiny to build a tiny model offline.",
+        ) from exc
+
+
+def load_sd_parts(name_or_path: str | Path, scheduler: str = "ddim") -> tuple:
+    """An SD 1.5-layout model's VAE, text encoder, tokenizer and sampler (everything but the UNet)."""
+    with model_load_errors(name_or_path):
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        sampler = SCHEDULER_CLASSES[scheduler].from_pretrained(name_or_path, subfolder="scheduler")
+    return vae, text_encoder, tokenizer, sampler
 
 
 def prompt_max_length(tokenizer, text_encoder) -> int:
