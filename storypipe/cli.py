@@ -391,6 +391,19 @@ def finetune_storygen(run: Run, data: Path, out: Path, split: str, resume: bool)
             f"Use it with: --set generator.base_model={folder}"]  # fmt: skip
 
 
+@options(
+    option("--checkpoint", required=True, help="StoryGen's UNet: a folder or a hub id (e.g. haoningwu/StoryGen)."),
+    option("--out", type=FOLDER, required=True, help="Output generator folder (new)."),
+    option("--base", default=None, help="SD 1.5 folder or hub id for the VAE, text encoder, tokenizer and "
+           "scheduler. [default: the config's generator.base_model]"),
+)  # fmt: skip
+def import_storygen(run: Run, checkpoint: str, out: Path, base: str | None) -> list[str]:
+    """Import StoryGen's released checkpoint as a frame generator that computes exactly as StoryGen does."""
+    folder = tasks.import_storygen(run.config(), checkpoint, out, base)
+    return [f"StoryGen's weights written to {folder}",
+            f"Use it with: --set generator.base_model={folder} --set generator.context=storygen_exact"]  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Stories: generate, edit, insert
 # --------------------------------------------------------------------------------------------
@@ -629,6 +642,7 @@ COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
     "caption": caption,
     "pretrain-diffusion": pretrain_diffusion,
     "finetune-storygen": finetune_storygen,
+    "import-storygen": import_storygen,
     "generate": generate,
     "edit": edit,
     "insert": insert,

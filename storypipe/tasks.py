@@ -142,6 +142,16 @@ def finetune_storygen(
     return train(StoryGenRun(cfg.generator, data_dir, out, split=split, resume=resume, resolved_config=cfg))
 
 
+def import_storygen(cfg: StorypipeConfig, checkpoint: str, out: Path, base: str | None = None) -> Path:
+    """StoryGen's released UNet (a folder or hub id) as a generator folder in ``storygen_exact`` mode; the
+    VAE, text encoder, tokenizer and scheduler come from ``base`` (default: ``generator.base_model``)."""
+    from storygen_ft.import_storygen import import_storygen as convert
+
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} is not empty; name a new folder")
+    return convert(checkpoint, out, base or cfg.generator.base_model)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation and its models
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,269 @@
+"""`storypipe import-storygen`: StoryGen's checkpoint layout in, a generator folder in exact mode out.
+
+The reference below re-implements one StoryGen transformer block in plain torch from their published
+math (haoningwu3639/StoryGen, model/attention.py, ``BasicTransformerBlock.forward``), independently of
+storypipe's processors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from pipeline.errors import DataError
+from storygen_ft.attention import StoryAttentionState, layer_key
+from storygen_ft.import_storygen import import_storygen
+from storygen_ft.model import StoryDiffusion
+from storypipe.cli import app
+
+TOLERANCE = 1e-5
+REFERENCES = 2
+ADDED_SCALE = 0.2  # random attn3/norm4 weights, large enough that a wrong block shows
+
+
+def _storygen_checkpoint(folder, base, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny random UNet in StoryGen's key layout: the plain UNet's keys plus attn3/norm4 per block."""
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    state = dict(unet.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if k.endswith("attn1.to_q.weight")]:
+        block = key.removesuffix(".attn1.to_q.weight")
+        width = state[key].shape[0]
+        for name in ("to_q", "to_k", "to_v", "to_out.0"):
+            state[f"{block}.attn3.{name}.weight"] = (
+                torch.randn(width, width, generator=generator) * ADDED_SCALE
+            )
+        state[f"{block}.attn3.to_out.0.bias"] = torch.randn(width, generator=generator) * ADDED_SCALE
+        state[f"{block}.norm4.weight"] = 1 + torch.randn(width, generator=generator) * ADDED_SCALE
+        state[f"{block}.norm4.bias"] = torch.randn(width, generator=generator) * ADDED_SCALE
+    folder.mkdir(parents=True)
+    unet.save_config(folder)  # config.json
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors")
+    )
+    return state
+
+
+# --- StoryGen's block, from their math -----------------------------------------------------------
+
+
+def _attention(state, prefix, x, context, heads):
+    """Multi-head attention with StoryGen's projections: q/k/v without bias, output with bias."""
+    q = x @ state[f"{prefix}.to_q.weight"].T  # (B, L, C)
+    k = context @ state[f"{prefix}.to_k.weight"].T  # (B, S, C)
+    v = context @ state[f"{prefix}.to_v.weight"].T  # (B, S, C)
+    batch, length, width = q.shape
+    split = lambda t: t.reshape(batch, -1, heads, width // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)  # (B, heads, L|S, d)
+    weights = (q @ k.transpose(-1, -2) / (width // heads) ** 0.5).softmax(dim=-1)  # (B, heads, L, S)
+    out = (weights @ v).transpose(1, 2).reshape(batch, length, width)  # (B, L, C)
+    return out @ state[f"{prefix}.to_out.0.weight"].T + state[f"{prefix}.to_out.0.bias"]
+
+
+def _layer_norm(state, prefix, x):
+    return F.layer_norm(x, x.shape[-1:], state[f"{prefix}.weight"], state[f"{prefix}.bias"])
+
+
+def _post_self_attention(state, block, h, heads):
+    normed = _layer_norm(state, f"{block}.norm1", h)
+    return _attention(state, f"{block}.attn1", normed, normed, heads) + h  # (B, L, C)
+
+
+def _storygen_block(state, block, h, text, references, heads):
+    """h: (B, L, C), text: (B, T, D), references: (B, N*L_ref, C) or None (a reference frame's pass)."""
+    h = _post_self_attention(state, block, h, heads)
+    h_t = _attention(state, f"{block}.attn2", _layer_norm(state, f"{block}.norm2", h), text, heads) + h
+    if references is None:
+        h = h_t
+    else:
+        h_i = (
+            _attention(state, f"{block}.attn3", _layer_norm(state, f"{block}.norm4", h), references, heads)
+            + h
+        )
+        h = h_t + h_i  # h counted twice, as in StoryGen
+    normed = _layer_norm(state, f"{block}.norm3", h)
+    hidden, gate = (
+        normed @ state[f"{block}.ff.net.0.proj.weight"].T + state[f"{block}.ff.net.0.proj.bias"]
+    ).chunk(2, dim=-1)  # GEGLU
+    return (hidden * F.gelu(gate)) @ state[f"{block}.ff.net.2.weight"].T + state[f"{block}.ff.net.2.bias"] + h
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imported(tiny_sd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("storygen")
+    state = _storygen_checkpoint(root / "StoryGen" / "unet", tiny_sd)
+    out = import_storygen(root / "StoryGen", root / "imported", tiny_sd)
+    return state, StoryDiffusion.from_pretrained(out), out
+
+
+def _block_inputs(model, block_name, seed=1):
+    block = model.unet.get_submodule(block_name)
+    width, text_width = block.attn1.to_q.in_features, model.text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 16, width, generator=generator)  # (B, L, C)
+    text = torch.randn(2, 5, text_width, generator=generator)  # (B, T, D)
+    references = torch.randn(2, REFERENCES, 9, width, generator=generator)  # (B, N, L_ref, C)
+    return block, h, text, references
+
+
+def _attend(references):
+    return StoryAttentionState(
+        mode="attend",
+        features={},
+        reference_mask=torch.ones(references.shape[:2], dtype=torch.bool),
+    )
+
+
+def test_imported_folder_selects_the_exact_mode(imported, tiny_sd):
+    state, model, _ = imported
+    assert model.context_kind == "storygen_exact"
+    assert set(model.context_layers) == {
+        layer_key(key.removesuffix(".norm4.weight")) for key in state if key.endswith(".norm4.weight")
+    }
+    # The UNet is a plain diffusers UNet: it loads without storypipe and has no added keys.
+    assert not any("attn3" in key or "norm4" in key for key in model.unet.state_dict())
+
+
+def test_one_transformer_block_computes_storygen_math(imported):
+    state, model, _ = imported
+    heads = model.unet.config.attention_head_dim  # SD 1.5's config names the head count so
+    for block_name in (
+        "down_blocks.0.attentions.0.transformer_blocks.0",
+        "mid_block.attentions.0.transformer_blocks.0",
+    ):
+        block, h, text, references = _block_inputs(model, block_name)
+        story = _attend(references)
+        story.features[layer_key(block_name)] = references
+        with torch.no_grad():
+            ours = block(h, encoder_hidden_states=text, cross_attention_kwargs={"story": story})
+            expected = _storygen_block(state, block_name, h, text, references.flatten(1, 2), heads)
+        torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_ours_differs_from_storygen_on_the_same_weights(imported):
+    """The check above can fail: storypipe's own `storygen` processors (h added once, norm2(h) as the
+    branch's input and as the reference features) do not match StoryGen's block."""
+    state, _, folder = imported
+    exact = StoryDiffusion.from_pretrained(folder)
+    ours = StoryDiffusion(
+        exact.vae,
+        exact.text_encoder,
+        exact.tokenizer,
+        exact.unet,
+        exact.scheduler,
+        "storygen",
+        exact.context_layers,
+    )
+    block_name = "down_blocks.0.attentions.0.transformer_blocks.0"
+    block, h, text, references = _block_inputs(ours, block_name)
+    story = _attend(references)
+    story.features[layer_key(block_name)] = references
+    with torch.no_grad():
+        got = block(h, encoder_hidden_states=text, cross_attention_kwargs={"story": story})
+        expected = _storygen_block(
+            state, block_name, h, text, references.flatten(1, 2), exact.unet.config.attention_head_dim
+        )
+    assert (got - expected).abs().max() > 1e-2
+
+
+def test_whole_unet_matches_a_direct_storygen_evaluation(imported, tiny_sd):
+    """Reference pass (records the raw post-self-attention state) and current-frame pass, against the
+    plain diffusers UNet with every transformer block replaced by the reference math above."""
+    state, model, _ = imported
+    heads = model.unet.config.attention_head_dim
+    plain = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    plain.load_state_dict({k: v for k, v in state.items() if "attn3" not in k and "norm4" not in k})
+    blocks = [name for name in model.context_layers]
+    generator = torch.Generator().manual_seed(2)
+    channels, side = plain.config.in_channels, plain.config.sample_size
+    refs = torch.randn(REFERENCES, channels, side, side, generator=generator)  # (N, C, h, w)
+    ref_text = torch.randn(REFERENCES, 5, model.text_encoder.config.hidden_size, generator=generator)
+    latents = torch.randn(1, channels, side, side, generator=generator)
+    text = torch.randn(1, 5, model.text_encoder.config.hidden_size, generator=generator)
+    ref_t, t = torch.tensor([60, 30]), torch.tensor([300])
+
+    recorded, hooks, references = {}, [], None
+
+    def replace(name):
+        block_name = name.replace("__", ".")
+
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            context = kwargs["encoder_hidden_states"]
+            if references is None:
+                recorded[name] = _post_self_attention(state, block_name, h, heads)
+            features = None if references is None else references[name].flatten(0, 1)[None]
+            return _storygen_block(state, block_name, h, context, features, heads)
+
+        return hook
+
+    for name in blocks:
+        hooks.append(
+            plain.get_submodule(name.replace("__", ".")).register_forward_hook(
+                replace(name), with_kwargs=True
+            )
+        )
+    with torch.no_grad():
+        plain(refs, ref_t, encoder_hidden_states=ref_text)
+        references = dict(recorded)
+        expected = plain(latents, t, encoder_hidden_states=text).sample
+        record = StoryAttentionState(mode="record")
+        model.unet(refs, ref_t, encoder_hidden_states=ref_text, cross_attention_kwargs={"story": record})
+        for name in blocks:
+            torch.testing.assert_close(
+                record.features[name], references[name], atol=TOLERANCE, rtol=TOLERANCE
+            )
+        story = StoryAttentionState(
+            mode="attend",
+            features={name: tokens[None] for name, tokens in record.features.items()},  # (1, N, L, C)
+            reference_mask=torch.ones(1, REFERENCES, dtype=torch.bool),
+        )
+        ours = model.unet(
+            latents, t, encoder_hidden_states=text, cross_attention_kwargs={"story": story}
+        ).sample
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_a_checkpoint_with_missing_and_unexpected_keys_is_refused(tiny_sd, tmp_path):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    missing = "mid_block.attentions.0.transformer_blocks.0.attn3.to_k.weight"
+    del state[missing]
+    state["mid_block.attentions.0.transformer_blocks.0.attn4.to_q.weight"] = torch.zeros(1)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors"),
+    )
+    with pytest.raises(DataError) as error:
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
+    assert missing in str(error.value) and "attn4.to_q.weight" in str(error.value)
+    assert "1 missing" in str(error.value) and "1 unexpected" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_storygen_cli_and_bin_checkpoints(tiny_sd, tmp_path):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, tmp_path / "ckpt" / "diffusion_pytorch_model.bin")
+    result = CliRunner().invoke(app, [
+        "import-storygen", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+        "--base", str(tiny_sd), "--preset", "tiny",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "generator.context=storygen_exact" in result.output
+    assert json.loads((tmp_path / "out" / "story_model.json").read_text())["context"] == "storygen_exact"
+    model = StoryDiffusion.from_pretrained(tmp_path / "out")
+    expected = state["mid_block.attentions.0.transformer_blocks.0.norm4.weight"]
+    torch.testing.assert_close(
+        model.context_layers["mid_block__attentions__0__transformer_blocks__0"].norm.weight, expected
+    )
