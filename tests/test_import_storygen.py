@@ -32,6 +32,9 @@ def _storygen_checkpoint(folder, base, seed: int = 0) -> dict[str, torch.Tensor]
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     state = dict(unet.state_dict())
     generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if ".transformer_blocks." in k and ".norm" in k]:
+        # LayerNorms start as the identity; random ones tell norm2(h) from h (and norm4 from norm2).
+        state[key] = state[key] + torch.randn(state[key].shape, generator=generator) * ADDED_SCALE
     for key in [k for k in state if k.endswith("attn1.to_q.weight")]:
         block = key.removesuffix(".attn1.to_q.weight")
         width = state[key].shape[0]
