@@ -208,7 +208,11 @@ class FrameGenerator:
     def _encode_references(self, images: Sequence[Image.Image], descriptions: Sequence[str]) -> _References:
         model = self.model
         count = len(images)
-        pixels = model.images_to_tensor(images, self.cfg.resolution)  # (N, 3, H, W)
+        pixels = model.images_to_tensor(images, self.cfg.resolution)  # (N, 3, H, W) in [-1, 1]
+        if model.context_kind == "storygen_exact":
+            # StoryGen's references stay in [0, 1]: its `ref_image * 2. - 1.` loop rebinds a loop variable
+            # (haoningwu3639/StoryGen, dataset.py), and its weights were trained that way.
+            pixels = (pixels + 1) / 2  # (N, 3, H, W) in [0, 1]
         text, pooled = model.encode_text(list(descriptions))  # (N, T, D), (N, D)
         uncond_text, uncond_pooled = model.encode_text([""] * count)
         return _References(

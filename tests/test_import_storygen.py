@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.errors import DataError
 from storygen_ft.attention import StoryAttentionState, layer_key
+from storygen_ft.config import GeneratorConfig
+from storygen_ft.generator import FrameGenerator
 from storygen_ft.import_storygen import import_storygen
 from storygen_ft.model import StoryDiffusion
 from storypipe.cli import app
@@ -270,3 +273,18 @@ def test_import_storygen_cli_and_bin_checkpoints(tiny_sd, tmp_path):
     torch.testing.assert_close(
         model.context_layers["mid_block__attentions__0__transformer_blocks__0"].norm.weight, expected
     )
+
+
+def test_the_exact_mode_generates_with_references_in_zero_to_one(imported):
+    """The sampler runs on the imported model, and feeds the references in [0, 1] as StoryGen does."""
+    _, model, folder = imported
+    cfg = GeneratorConfig(
+        base_model=str(folder), context="storygen_exact", resolution=32, num_inference_steps=2
+    )
+    generator = FrameGenerator(model, cfg)
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((200, 20, 20), (20, 20, 200))]
+    result = generator.generate("A red circle waves.", frames, ["A red circle.", "A blue square."], seed=0)
+    assert result.image.size == (32, 32) and result.unet_evaluations == 2 * (3 + 2 * len(frames))
+    references = generator._encode_references(frames, ["A red circle.", "A blue square."])
+    pixels = model.images_to_tensor(frames, cfg.resolution)  # (N, 3, H, W) in [-1, 1]
+    torch.testing.assert_close(references.latents, model.encode_images((pixels + 1) / 2))
