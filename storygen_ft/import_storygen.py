@@ -25,7 +25,8 @@ EXACT_CONTEXT = "storygen_exact"
 UNET_CONFIG = "config.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 UNET_CLASS = "UNet2DConditionModel"
-HUB_PATTERNS = ("*config.json", "*diffusion_pytorch_model.safetensors", "*diffusion_pytorch_model.bin")
+# A bare UNet repo, or a pipeline repo's unet/ (StoryGen's inference loads `<folder>/unet`): not its VAE.
+HUB_PATTERNS = (*(f"{prefix}{name}" for prefix in ("", "*unet/") for name in (UNET_CONFIG, *WEIGHT_FILES)),)
 LISTED_KEYS = 20  # keys named per kind in a refusal
 # StoryGen's added parameters per transformer block -> ours in ReferenceCrossAttention.
 ADDED_KEYS = {
@@ -48,7 +49,7 @@ def find_unet_folder(checkpoint: str | Path) -> Path:
 
         try:
             root = Path(snapshot_download(str(checkpoint), allow_patterns=list(HUB_PATTERNS)))
-        except Exception as exc:  # noqa: BLE001 - any hub failure is the same problem for the user
+        except (OSError, ValueError) as exc:  # offline, not found, not a valid repo id
             raise DataError(
                 f"--checkpoint {checkpoint}: not a local folder, and the hub download failed ({exc})"
             ) from exc

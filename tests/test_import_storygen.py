@@ -288,3 +288,14 @@ def test_the_exact_mode_generates_with_references_in_zero_to_one(imported):
     references = generator._encode_references(frames, ["A red circle.", "A blue square."])
     pixels = model.images_to_tensor(frames, cfg.resolution)  # (N, 3, H, W) in [-1, 1]
     torch.testing.assert_close(references.latents, model.encode_images((pixels + 1) / 2))
+
+
+def test_a_checkpoint_that_is_neither_a_folder_nor_reachable_is_refused(tiny_sd, tmp_path):
+    # A missing path is not a valid hub id either: refused without any network access.
+    with pytest.raises(DataError, match="not a local folder, and the hub download failed"):
+        import_storygen(str(tmp_path / "no-such-folder"), tmp_path / "out", tiny_sd)
+    (tmp_path / "two" / "a").mkdir(parents=True)
+    _storygen_checkpoint(tmp_path / "two" / "b" / "unet", tiny_sd)
+    UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").save_config(tmp_path / "two" / "a")
+    with pytest.raises(DataError, match="expected one UNet2DConditionModel folder"):
+        import_storygen(tmp_path / "two", tmp_path / "out", tiny_sd)
