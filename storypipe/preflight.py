@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.text_metrics import PYTHON_PACKAGE_PREFIX
 from pipeline.config import in_cache
 from pipeline.errors import StorypipeError
 from storypipe.config import StorypipeConfig
@@ -34,7 +35,6 @@ FOUND = "found"
 BUILT_ON_FIRST_USE = "built on first use"  # a tiny model storypipe builds into its cache
 NOT_DOWNLOADED = "not downloaded"  # a hub id that is not in the Hugging Face cache
 MISSING = "missing"
-PYTHON_PACKAGE_PREFIX = "python-package:"  # eval.text_metrics reads these; the folder is in the package
 
 
 @dataclass(frozen=True)
