@@ -19,7 +19,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_ft.config import TASKS, CaptionerConfig
+from llava_ft.config import TASKS, CaptionerConfig, adapter_advice
 from llava_ft.model import chat_prompt, load_llava, resolve_base_model
 from pipeline.errors import StorypipeError
 from pipeline.prompts import PromptTemplates
@@ -68,8 +68,7 @@ class Captioners:
             except (OSError, ValueError) as exc:
                 raise StorypipeError(
                     f"captioner.{task}_adapter: could not load a PEFT adapter from {folder!r} ({exc}). "
-                    f"Train it with `storypipe finetune-llava --task {task}` (or `make finetune-llava`), "
-                    f"or set captioner.{task}_adapter=null to answer zero-shot."
+                    + adapter_advice(task)
                 ) from exc
             adapters.append(task)
         return cls(model, processor, adapters, cfg)

@@ -10,6 +10,19 @@ from pipeline.errors import InvalidConfigValue
 
 TASKS = ("story", "description")
 PRETRAIN_TASK = "caption"  # image -> its own description: full-parameter pretraining of a toy base
+# What makes the base model, for the error when its folder is missing.
+BASE_MODEL_ADVICE = (
+    "`storypipe pretrain-llava` trains a toy base (`make toy` trains every toy model); real runs name a hub "
+    "id such as llava-hf/llava-1.5-7b-hf, and --preset tiny builds a tiny base offline."
+)
+
+
+def adapter_advice(task: str) -> str:
+    """What makes ``task``'s adapter, for the error when it is missing or does not load."""
+    return (
+        f"Train it with `storypipe finetune-llava --task {task}` (or `make finetune-llava`), "
+        f"or set captioner.{task}_adapter=null to answer zero-shot."
+    )
 
 
 @dataclass

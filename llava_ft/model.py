@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.clip import CLIPImageProcessorPil
 
-from llava_ft.config import CaptionerConfig, TinyLlavaSettings
+from llava_ft.config import BASE_MODEL_ADVICE, CaptionerConfig, TinyLlavaSettings
 from pipeline.config import in_cache
 from pipeline.errors import model_load_error, require_model_folder
 from pipeline.io import atomic_write_folder
@@ -37,10 +37,6 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endfor %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-BASE_MODEL_ADVICE = (
-    "`storypipe pretrain-llava` trains a toy base (`make toy` trains every toy model); real runs name a hub "
-    "id such as llava-hf/llava-1.5-7b-hf, and --preset tiny builds a tiny base offline."
 )
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 

@@ -8,6 +8,11 @@ from typing import Literal
 from pipeline.config import ModelPath, validate
 
 SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
+# What makes the model, for the error when its folder is missing.
+BASE_MODEL_ADVICE = (
+    "`storypipe finetune-storygen` (or `make finetune-storygen`) writes one; `make toy` trains the toy models, "
+    "and --preset tiny builds a tiny model offline."
+)
 
 
 @dataclass

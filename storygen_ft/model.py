@@ -39,7 +39,7 @@ from storygen_ft.attention import (
     build_context_layers,
     install_story_processors,
 )
-from storygen_ft.config import GeneratorConfig, TinyDiffusionSettings
+from storygen_ft.config import BASE_MODEL_ADVICE, GeneratorConfig, TinyDiffusionSettings
 
 CONTEXT_WEIGHTS = "context_layers.safetensors"
 STORY_MODEL_FILE = "story_model.json"
@@ -57,10 +57,6 @@ TINY_TEXT_SPECIAL_TOKENS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
 }
-BASE_MODEL_ADVICE = (
-    "`storypipe finetune-storygen` (or `make finetune-storygen`) writes one; `make toy` trains the toy models, "
-    "and --preset tiny builds a tiny model offline."
-)
 TEXT_MAX_LENGTH = 77  # CLIP's context length, as in SD 1.5
 
 

@@ -34,7 +34,7 @@ from pipeline.io import load_rgb
 from pipeline.orchestrator import FrameCallback, StoryEvents, StoryTeller, check_caption
 from pipeline.story import STORY_JSON_NAME, Frame, Story
 from pipeline.story_folder import StoryWriter, check_contained, open_for_writing, read_story_json
-from storypipe import wiring
+from storypipe import preflight, wiring
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_path
 
 if TYPE_CHECKING:
@@ -277,13 +277,21 @@ class StoryPipeline:
         if next_caption is not None:
             next_caption = check_caption(next_caption, "next caption")
         picture = self._image(image)
+        self._require_models("caption")
         if next_caption is None:
             next_caption = self.captioners.next_story_caption(picture, caption, seed=seed)
         return next_caption, self.captioners.describe(picture, caption, next_caption, seed=seed)
 
     # ----------------------------------------------------------------------------------------
 
+    def _require_models(self, purpose: str) -> None:
+        """Before the first model loads: every model ``purpose`` needs is there, or one error names each
+        missing one (:func:`storypipe.preflight.require`)."""
+        if self._captioners is None or self._generator is None:
+            preflight.require(self.config, purpose)
+
     def _teller(self, events: StoryEvents | None) -> StoryTeller:
+        self._require_models("generate")
         return StoryTeller(
             self.captioners, self.generator, self.config.story, self.config.generator.max_references, events
         )

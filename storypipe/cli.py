@@ -33,7 +33,7 @@ from pipeline.config import config_to_dict, load_config
 from pipeline.errors import InputError, StorypipeError
 from pipeline.orchestrator import StoryEvents
 from pipeline.progress import ProgressReporter
-from storypipe import __version__, tasks
+from storypipe import __version__, preflight, tasks
 from storypipe.api import StoryPipeline, story_config_path
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_names, resolve_config
 
@@ -233,6 +233,30 @@ def app() -> None:
 def show_config(run: Run) -> list[str]:
     """Print the resolved config (preset + overrides) as YAML."""
     return [yaml.safe_dump(config_to_dict(run.config()), sort_keys=False).rstrip()]
+
+
+@options(
+    option(
+        "--for",
+        "purpose",
+        type=click.Choice(preflight.PURPOSES),
+        default=preflight.ALL,
+        help="Only the models this command loads.",
+    ),
+)
+def check(run: Run, purpose: str) -> list[str]:
+    """List every model the config needs: found or not, its size, and the command that fetches or makes it.
+
+    Writes nothing; exits with status 2 when a model is missing (a hub id not in the Hugging Face cache
+    counts as missing).
+    """
+    models = preflight.check(run.config(), purpose)
+    for line in preflight.table(models):
+        run.console.print(line, highlight=False, markup=False)
+    missing = [model for model in models if model.missing]
+    if missing:
+        raise preflight.MissingModels(missing)
+    return [f"All {len(models)} models are there."]
 
 
 @options(
@@ -634,6 +658,7 @@ def train_text_baseline(run: Run, data: Path, out: Path, resume: bool) -> list[s
 
 COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
     "show-config": show_config,
+    "check": check,
     "toy-data": toy_data,
     "prepare-llava": prepare_llava,
     "convert-storysv": convert_storysv,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline.config import save_resolved_config
 from pipeline.errors import InputError
 from pipeline.progress import ProgressReporter
-from storypipe import wiring
+from storypipe import preflight, wiring
 from storypipe.api import StoryPipeline
 from storypipe.config import StorypipeConfig
 
@@ -98,6 +98,7 @@ def finetune_llava(
     """One captioner adapter (``story`` or ``description``), LoRA on the LLaVA base; a plain PEFT folder."""
     from llava_ft.train import FinetuneRun, train
 
+    preflight.require(cfg, "finetune-llava")
     return train(
         FinetuneRun(cfg.captioner, task, data_file, images_dir, out, resume=resume, resolved_config=cfg)
     )
@@ -128,6 +129,7 @@ def pretrain_diffusion(
     """A diffusion base from scratch (a VAE, then a text-to-image UNet) on a VIST-layout folder."""
     from storygen_ft.pretrain import PretrainRun, pretrain
 
+    preflight.require(cfg, "pretrain-diffusion")
     return pretrain(
         PretrainRun(cfg.generator, data_dir, out, split=split, resume=resume, resolved_config=cfg)
     )
@@ -139,6 +141,7 @@ def finetune_storygen(
     """The frame generator's context layers on a VIST-layout folder; loads with one from_pretrained call."""
     from storygen_ft.train import StoryGenRun, train
 
+    preflight.require(cfg, "finetune-storygen")
     return train(StoryGenRun(cfg.generator, data_dir, out, split=split, resume=resume, resolved_config=cfg))
 
 
@@ -178,6 +181,7 @@ def evaluate(
     # 1. Inputs first: the stories (a clear error for an empty split) and the device.
     stories = select_stories(Path(data_dir), ecfg, cfg.data.story_length)
     device = str(state.device) if torch.cuda.is_available() else wiring.resolve_device(cfg)
+    preflight.require(cfg, "eval")  # every missing model at once, before any loads
     if ecfg.build_tiny_models:
         wiring.build_missing_tiny_eval_models(cfg)
 

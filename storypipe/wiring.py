@@ -72,9 +72,7 @@ def load_memory_frame_generator(cfg: StorypipeConfig, device: str | None = None)
     if memory is None:
         return None
     require_model_folder(
-        "eval.memory_generator_model",
-        memory.base_model,
-        "`storypipe finetune-storygen --set generator.context=memory` trains one; or set it to null.",
+        "eval.memory_generator_model", memory.base_model, EVAL_MODEL_ADVICE["memory_generator_model"]
     )
     return FrameGenerator.from_config(memory, device=device or resolve_device(cfg))
 
@@ -123,11 +121,14 @@ def eval_identities(cfg: StorypipeConfig, prompts: PromptTemplates, device: str)
 
 # What makes each measuring model of the eval section, for the error when its folder is missing.
 EVAL_MODEL_ADVICE = {
+    "sentence_model": "Name a sentence-transformers model (a hub id or a folder), or python-package:NAME.",
     "clip_model": "`storypipe train-clip` trains a toy CLIP; real runs name a hub id.",
     "classifier_model": "`storypipe train-classifier` trains one on labelled frames; or set it to null.",
     "detector_model": "Name a transformers object detector (a hub id), or set it to null to skip object counts.",
     "caption_baseline_model": "`make toy` trains the toy models; or set it to null to skip the baseline.",
     "text_baseline_model": "`storypipe train-text-baseline` trains a toy one; or set it to null to skip it.",
+    "memory_generator_model": "`storypipe finetune-storygen --set generator.context=memory` trains one; "
+    "or set it to null.",
 }
 
 
