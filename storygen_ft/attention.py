@@ -112,8 +112,10 @@ class ReferenceCrossAttention(nn.Module):
         query, key, value = (
             x.view(rows, -1, self.heads, head_dim).transpose(1, 2) for x in (query, key, value)
         )
+        # With every reference there, no mask: SDPA can then pick its fused (flash / memory-efficient) kernels.
+        attn_mask = None if bool(mask.all()) else token_mask
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=token_mask
+            query, key, value, attn_mask=attn_mask
         )  # (rows, heads, L, head_dim)
         out = out.transpose(1, 2).reshape(rows, -1, channels)  # (rows, L, C)
         return self.to_out(out) * has_reference[:, None, None].to(out.dtype)

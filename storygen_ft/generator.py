@@ -63,7 +63,8 @@ class FrameGenerator:
         model = StoryDiffusion.from_pretrained(
             resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
         )
-        return cls(model.to(device), cfg)
+        dtype = getattr(torch, cfg.torch_dtype_name(torch.device(device).type))
+        return cls(model.to(device, dtype), cfg)
 
     @property
     def max_references(self) -> int:
@@ -151,7 +152,7 @@ class FrameGenerator:
         timesteps = model.scheduler.timesteps
         side = cfg.resolution // model.vae_scale
         shape = (1, model.unet.config.in_channels, side, side)
-        noise = torch.randn(shape, generator=generator).to(model.device)
+        noise = torch.randn(shape, generator=generator).to(model.device, model.dtype)  # drawn on the CPU
         if init_image is None:
             latents = noise * model.scheduler.init_noise_sigma  # (1, C, h, w)
         else:
@@ -229,8 +230,12 @@ class FrameGenerator:
         With ``share`` the real references run once and both branches use the result; otherwise each
         branch runs its own pass (same inputs, same noise), which gives bit-identical features.
         """
-        blank_noise = torch.randn(refs.blank_latents.shape, generator=generator).to(self.model.device)
-        real_noise = torch.randn(refs.latents.shape, generator=generator).to(self.model.device)
+        blank_noise = torch.randn(refs.blank_latents.shape, generator=generator).to(
+            self.model.device, self.model.dtype
+        )
+        real_noise = torch.randn(refs.latents.shape, generator=generator).to(
+            self.model.device, self.model.dtype
+        )
         blank = self._record(refs.blank_latents, refs.uncond_text, t, blank_noise)
         real = self._record(refs.latents, refs.text, t, real_noise)
         return [blank, real, real if share else self._record(refs.latents, refs.text, t, real_noise)]

@@ -206,6 +206,10 @@ class StoryDiffusion(nn.Module):
         return self.unet.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
 

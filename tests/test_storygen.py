@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from pipeline.errors import ConfigError
 from storygen_ft.attention import MemoryAttention, StoryAttentionState
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.generator import FrameGenerator
@@ -175,3 +176,57 @@ def _perturbed(base, cfg: GeneratorConfig) -> FrameGenerator:
         for layer in model.context_layers.values():
             layer.to_out.weight.normal_(std=0.05)
     return FrameGenerator(model, cfg)
+
+
+def test_the_weights_dtype_defaults_to_float16_on_cuda_and_float32_on_a_cpu():
+    assert GeneratorConfig().torch_dtype_name("cuda") == "float16"
+    assert GeneratorConfig().torch_dtype_name("cpu") == "float32"
+    assert GeneratorConfig(dtype="bfloat16").torch_dtype_name("cuda") == "bfloat16"
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, float16, bfloat16"):
+        GeneratorConfig(dtype="float8")
+
+
+@pytest.mark.parametrize("context", ["storygen", "storygen_exact", "memory"])
+def test_half_precision_weights_draw_the_float32_frame(tiny_sd, context):
+    """Every tensor the sampler makes follows the weights' dtype (a float32 noise tensor into a float16 UNet
+    is an error), so the float16 path CUDA uses by default runs, here on the CPU, and draws the same frame."""
+    frames = {}
+    for dtype in ("float32", "float16"):
+        generator = FrameGenerator.from_config(_config(tiny_sd, context=context, dtype=dtype))
+        assert {p.dtype for p in generator.model.parameters()} == {getattr(torch, dtype)}
+        frames[dtype] = _pixels(
+            generator.generate("A red circle waves.", REFERENCES[:2], REFERENCE_TEXTS[:2], seed=3).image
+        )
+    assert np.abs(frames["float16"] - frames["float32"]).mean() < 2.0  # of 255
+
+
+def test_the_reference_attention_passes_no_mask_when_every_reference_exists(monkeypatch):
+    """No mask lets SDPA use its fused kernels; with a missing reference the mask is still applied."""
+    from storygen_ft import attention
+
+    layer = attention.ReferenceCrossAttention(dim=16, heads=2)
+    seen, real_sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return real_sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    hidden, features = torch.randn(2, 5, 16), torch.randn(2, 3, 4, 16)  # (rows, L, C), (rows, N, L_ref, C)
+    everything = StoryAttentionState(
+        "attend", {"x": features}, reference_mask=torch.ones(2, 3, dtype=torch.bool)
+    )
+    one_missing = StoryAttentionState(
+        "attend", {"x": features}, reference_mask=torch.tensor([[1, 1, 1], [1, 0, 1]]).bool()
+    )
+    unmasked = layer(hidden, everything, "x")
+    layer(hidden, one_missing, "x")
+    assert seen[0] is None and seen[1] is not None
+    # The same numbers as with an all-True mask.
+    token_mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, attn_mask=None: real_sdpa(q, k, v, attn_mask=token_mask),
+    )
+    assert torch.allclose(layer(hidden, everything, "x"), unmasked, atol=1e-6)
