@@ -41,6 +41,11 @@ LLAVA_15_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
+# The modules 4-bit loading keeps in the compute dtype. Patterns match from the start of a module name,
+# so a leading ".*" finds the towers anywhere.
+UNQUANTISED_MODULES = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
+
+
 def chat_prompt(processor: LlavaProcessor, question: str) -> str:
     """The user turn with one image and ``question``, ending where the assistant's answer starts."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -78,8 +83,7 @@ def load_llava(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            # Patterns match from the start of a module name, so a leading ".*" finds the towers anywhere.
-            llm_int8_skip_modules=[r".*vision_tower", r".*multi_modal_projector", "lm_head"],
+            llm_int8_skip_modules=list(UNQUANTISED_MODULES),
         )
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
