@@ -36,6 +36,7 @@ from pipeline.progress import ProgressReporter
 from storypipe import __version__, preflight, tasks
 from storypipe.api import StoryPipeline, story_config_path
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_names, resolve_config
+from storypipe.plan import PURPOSES as PLAN_PURPOSES
 
 STORIES_DIR = Path("stories")  # where `generate` writes a story without --out
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -257,6 +258,21 @@ def check(run: Run, purpose: str) -> list[str]:
     if missing:
         raise preflight.MissingModels(missing)
     return [f"All {len(models)} models are there."]
+
+
+@options(
+    option("--for", "purpose", type=click.Choice(PLAN_PURPOSES), default="generate",
+           help="The command whose models to count."),
+    option("--gpu-memory", "gpu_memory", default="24GiB", help="The GPU's memory, e.g. 24GiB, 80GB."),
+)  # fmt: skip
+def plan_memory(run: Run, purpose: str, gpu_memory: str) -> list[str]:
+    """Count the weights a command loads (built on the meta device from configs alone) against a GPU's
+    memory: per component its parameters, dtype and GiB, and whether they fit. Activations are not
+    counted yet. Downloads nothing."""
+    from storypipe.plan import plan
+
+    memory_plan = plan(run.config(), purpose, gpu_memory)
+    return [f"Weights for {purpose} on a {gpu_memory} GPU:", *memory_plan.lines()]
 
 
 @options(
@@ -659,6 +675,7 @@ def train_text_baseline(run: Run, data: Path, out: Path, resume: bool) -> list[s
 COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
     "show-config": show_config,
     "check": check,
+    "plan": plan_memory,
     "toy-data": toy_data,
     "prepare-llava": prepare_llava,
     "convert-storysv": convert_storysv,
