@@ -99,3 +99,10 @@ def test_missing_model_folders_are_an_error_that_names_them_and_writes_nothing(t
     assert f"captioner.base_model: the model folder {missing} does not exist" in result.output
     assert "`make toy`" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]  # no model built, no story folder
+
+
+def test_a_wheel_install_plans_the_vist_preset_from_its_shipped_configs(installed, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = run([str(installed / "bin" / "storypipe"), "plan", "--preset", "vist", "--for", "generate"],
+                 tmp_path, env)  # fmt: skip
+    assert "LLaVA language model" in result.stdout and "weights fit in 24.0 GiB" in result.stdout
