@@ -240,9 +240,7 @@ class StoryWriter:
         for frame in story.frames:
             atomic_save_image(self.folder / frame_file(frame.index), frame.image.convert("RGB"))
         if story.config is not None:
-            atomic_write_text(
-                self.folder / RESOLVED_CONFIG_NAME, yaml.safe_dump(story.config, sort_keys=False)
-            )
+            atomic_write_text(self.folder / RESOLVED_CONFIG_NAME, _config_yaml(story))
         atomic_write_json(self.folder / STORY_JSON_NAME, story.to_json())
 
     def append(self, story: Story) -> None:
@@ -325,14 +323,11 @@ class StoryWriter:
             if unchanged.get(relative) != _image_key(frame.image):
                 atomic_save_image(staging / relative, frame.image.convert("RGB"))
                 moves.append(relative)
-        files = storyboard_files(story)
+        StoryWriter(staging).finish(story)  # the storyboards
         if story.config is not None:
-            files[RESOLVED_CONFIG_NAME] = yaml.safe_dump(story.config, sort_keys=False).encode("utf-8")
-        files[STORY_JSON_NAME] = (json.dumps(story.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
-        for name in STORY_FILES:
-            if name in files:
-                atomic_write_bytes(staging / name, files[name])
-                moves.append(name)
+            atomic_write_text(staging / RESOLVED_CONFIG_NAME, _config_yaml(story))
+        atomic_write_json(staging / STORY_JSON_NAME, story.to_json())
+        moves += [name for name in STORY_FILES if (staging / name).exists()]  # story.json last
 
         # 3. What the new story no longer has.
         removals = sorted(self._frame_files() - {frame_file(frame.index) for frame in story.frames})
@@ -436,6 +431,10 @@ def _is_story_path(relative: str) -> bool:
     if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
         return False
     return parts[0] in (FRAMES_DIR, HISTORY_DIR) or relative in STORY_FILES
+
+
+def _config_yaml(story: Story) -> str:
+    return yaml.safe_dump(story.config, sort_keys=False)
 
 
 def _check_images(story: Story) -> None:

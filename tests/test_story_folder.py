@@ -477,11 +477,8 @@ def test_resume_refuses_every_option_that_would_change_the_story(story_dir, seed
 def test_resume_through_the_api_refuses_other_settings(config, story_dir):
     other = load_config(StorypipeConfig, preset_path("tiny"), values={"generator.num_inference_steps": 3})
     edit_story_json(story_dir, lambda d: d["frames"].pop())
-    for pipe in (StoryPipeline(other, FakeCaptioner(), FakeIllustrator()),):
-        with pytest.raises(
-            InputError, match=r"generator.num_inference_steps is 3 here, 10 there\).*from_story"
-        ):
-            pipe.resume(story_dir)
+    with pytest.raises(InputError, match=r"generator.num_inference_steps is 3 here, 10 there\).*from_story"):
+        StoryPipeline(other, FakeCaptioner(), FakeIllustrator()).resume(story_dir)
     assert len(captions(story_dir)) == 3
     StoryPipeline(config, FakeCaptioner(), FakeIllustrator()).resume(story_dir)  # its own settings: fine
     assert len(captions(story_dir)) == 4
