@@ -49,6 +49,8 @@ class StoryAttentionState:
     ``record``: ``features`` is filled with one ``(rows, L, C)`` tensor per layer.
     ``attend``: ``features`` holds one ``(rows, N, L, C)`` tensor per layer (N references per row),
     ``reference_mask`` is ``(rows, N)``, True where a reference exists; rows with none get no context.
+    ``None`` means every reference exists: no mask at all, so SDPA can pick its fused (flash /
+    memory-efficient) kernels, and no device-to-host sync asks whether one is needed.
     The memory attention also needs the sentence embeddings: ``query_embedding`` ``(rows, D)`` of the
     current description and ``key_embeddings`` ``(rows, N, D)`` of the references' descriptions.
     """
@@ -100,10 +102,12 @@ class ReferenceCrossAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
         references = state.features[layer]  # (rows, N, L_ref, C)
         rows, count, tokens, channels = references.shape
-        mask = state.reference_mask  # (rows, N)
-        has_reference = mask.any(dim=1)  # (rows,)
-        token_mask = mask[:, :, None].expand(rows, count, tokens).reshape(rows, 1, 1, count * tokens)
-        token_mask = token_mask | ~has_reference[:, None, None, None]  # keep softmax finite; zeroed below
+        mask = state.reference_mask  # (rows, N) or None: all there
+        token_mask = None
+        if mask is not None:
+            has_reference = mask.any(dim=1)  # (rows,)
+            token_mask = mask[:, :, None].expand(rows, count, tokens).reshape(rows, 1, 1, count * tokens)
+            token_mask = token_mask | ~has_reference[:, None, None, None]  # keep softmax finite; zeroed below
 
         head_dim = channels // self.heads
         query = self.to_q(self.norm(hidden_states))  # (rows, L, C)
@@ -112,13 +116,11 @@ class ReferenceCrossAttention(nn.Module):
         query, key, value = (
             x.view(rows, -1, self.heads, head_dim).transpose(1, 2) for x in (query, key, value)
         )
-        # With every reference there, no mask: SDPA can then pick its fused (flash / memory-efficient) kernels.
-        attn_mask = None if bool(mask.all()) else token_mask
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask
+            query, key, value, attn_mask=token_mask
         )  # (rows, heads, L, head_dim)
-        out = out.transpose(1, 2).reshape(rows, -1, channels)  # (rows, L, C)
-        return self.to_out(out) * has_reference[:, None, None].to(out.dtype)
+        out = self.to_out(out.transpose(1, 2).reshape(rows, -1, channels))  # (rows, L, C)
+        return out if mask is None else out * has_reference[:, None, None].to(out.dtype)
 
 
 class MemoryAttention(nn.Module):
@@ -143,12 +145,15 @@ class MemoryAttention(nn.Module):
         nn.init.zeros_(self.to_out.bias)
 
     def weights(
-        self, query_embedding: torch.Tensor, key_embeddings: torch.Tensor, mask: torch.Tensor
+        self, query_embedding: torch.Tensor, key_embeddings: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Attention over the N references: ``(rows, D)``, ``(rows, N, D)``, ``(rows, N)`` -> ``(rows, N)``."""
+        """Attention over the N references: ``(rows, D)``, ``(rows, N, D)``, ``(rows, N)`` -> ``(rows, N)``
+        (a ``None`` mask: every reference exists)."""
         query = F.normalize(self.to_q(query_embedding), dim=-1)  # (rows, D)
         keys = F.normalize(self.to_k(key_embeddings), dim=-1)  # (rows, N, D)
         scores = torch.einsum("rd,rnd->rn", query, keys) * self.log_temperature.exp()  # (rows, N)
+        if mask is None:
+            return scores.softmax(dim=-1)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         return scores.softmax(dim=-1) * mask.any(dim=1, keepdim=True)  # rows without references weigh nothing
 
@@ -222,8 +227,11 @@ class StoryGenExactCrossAttnProcessor(AttnProcessor2_0):
         if story.mode == "record":
             story.features[self.layer] = raw  # (rows, L, C)
             return text
+        context = self.context(raw, story, self.layer)  # (rows, L, C)
+        if story.reference_mask is None:  # every row has its references
+            return text + context + raw
         has_reference = story.reference_mask.any(dim=1)[:, None, None].to(raw.dtype)  # (rows, 1, 1)
-        return text + self.context(raw, story, self.layer) + raw * has_reference  # (rows, L, C)
+        return text + context + raw * has_reference  # (rows, L, C)
 
 
 def layer_key(block_name: str) -> str:

@@ -257,14 +257,13 @@ class FrameGenerator:
     def _attend_state(
         self, branches: list[dict], refs: _References, pooled: torch.Tensor
     ) -> StoryAttentionState:
-        count = refs.latents.shape[0]
         features = {
             layer: torch.cat([branch[layer] for branch in branches]) for layer in branches[0]
         }  # (3, N, L, C)
         return StoryAttentionState(
             mode="attend",
             features=features,
-            reference_mask=torch.ones(3, count, dtype=torch.bool, device=self.model.device),
+            reference_mask=None,  # every reference exists: no mask, fused SDPA kernels
             query_embedding=pooled[[0, 1, 1]],  # the uncond branch asks with the empty prompt
             key_embeddings=torch.stack([refs.uncond_pooled, refs.pooled, refs.pooled]),  # (3, N, D)
         )

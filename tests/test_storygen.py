@@ -201,7 +201,8 @@ def test_half_precision_weights_draw_the_float32_frame(tiny_sd, context):
 
 
 def test_the_reference_attention_passes_no_mask_when_every_reference_exists(monkeypatch):
-    """No mask lets SDPA use its fused kernels; with a missing reference the mask is still applied."""
+    """No mask lets SDPA use its fused kernels (the generator says so with ``reference_mask=None``); with a
+    missing reference the mask is still applied; an all-True mask gives the same numbers as none."""
     from storygen_ft import attention
 
     layer = attention.ReferenceCrossAttention(dim=16, heads=2)
@@ -213,7 +214,8 @@ def test_the_reference_attention_passes_no_mask_when_every_reference_exists(monk
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
     hidden, features = torch.randn(2, 5, 16), torch.randn(2, 3, 4, 16)  # (rows, L, C), (rows, N, L_ref, C)
-    everything = StoryAttentionState(
+    everything = StoryAttentionState("attend", {"x": features}, reference_mask=None)
+    all_true = StoryAttentionState(
         "attend", {"x": features}, reference_mask=torch.ones(2, 3, dtype=torch.bool)
     )
     one_missing = StoryAttentionState(
@@ -222,6 +224,7 @@ def test_the_reference_attention_passes_no_mask_when_every_reference_exists(monk
     unmasked = layer(hidden, everything, "x")
     layer(hidden, one_missing, "x")
     assert seen[0] is None and seen[1] is not None
+    assert torch.allclose(layer(hidden, all_true, "x"), unmasked, atol=1e-6)
     # The same numbers as with an all-True mask.
     token_mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
     monkeypatch.setattr(
@@ -230,3 +233,30 @@ def test_the_reference_attention_passes_no_mask_when_every_reference_exists(monk
         lambda q, k, v, attn_mask=None: real_sdpa(q, k, v, attn_mask=token_mask),
     )
     assert torch.allclose(layer(hidden, everything, "x"), unmasked, atol=1e-6)
+
+
+@pytest.mark.parametrize("context", ["storygen", "storygen_exact", "memory"])
+def test_no_reference_mask_means_every_reference_exists(tiny_sd, context):
+    """The generator passes ``reference_mask=None`` (no mask, no host sync); for every context kind that
+    gives the numbers of an all-True mask, and differs from a row with no references (so the context
+    layers do contribute here)."""
+    model = StoryDiffusion.from_pretrained(tiny_sd, context=context).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.context_layers.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)  # non-zero output projections
+        text, pooled = model.encode_text(["A red circle.", "A blue square."])  # (2, T, D), (2, D)
+        record = StoryAttentionState(mode="record")
+        model.unet(torch.randn(6, 4, 16, 16), torch.tensor([5] * 6), encoder_hidden_states=text.repeat(3, 1, 1),
+                   cross_attention_kwargs={"story": record})  # fmt: skip
+        features = {k: v.reshape(2, 3, *v.shape[1:]) for k, v in record.features.items()}  # (2, N, L, C)
+        latents = torch.randn(2, 4, 16, 16)
+
+        def attend(mask):
+            state = StoryAttentionState("attend", features, mask, pooled, pooled[:, None].repeat(1, 3, 1))
+            return model.unet(latents, torch.tensor([5, 5]), encoder_hidden_states=text,
+                              cross_attention_kwargs={"story": state}).sample  # fmt: skip
+
+        unmasked = attend(None)
+        assert torch.allclose(unmasked, attend(torch.ones(2, 3, dtype=torch.bool)), atol=1e-5)
+        assert not torch.allclose(unmasked, attend(torch.zeros(2, 3, dtype=torch.bool)), atol=1e-3)
