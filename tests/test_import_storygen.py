@@ -428,3 +428,90 @@ def test_a_checkpoint_that_is_neither_a_folder_nor_reachable_is_refused(tiny_sd,
     UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").save_config(tmp_path / "two" / "a")
     with pytest.raises(DataError, match="expected one UNet2DConditionModel folder"):
         import_storygen(tmp_path / "two", tmp_path / "out", tiny_sd)
+
+
+# --- Checkpoint formats: one file or shards, safetensors or pickles, full precision or fp16 ----------
+
+
+def _save(path, tensors):
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+
+
+def _rewrite(folder, state, kind, sharded, variant):
+    """The checkpoint in ``folder`` rewritten with diffusers' file names for that format."""
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    if variant is not None:
+        state = {key: value.half() for key, value in state.items()}
+    dot_variant = f".{variant}" if variant else ""
+    if not sharded:
+        _save(folder / f"diffusion_pytorch_model{dot_variant}.{kind}", state)
+        return
+    keys, weight_map = sorted(state), {}
+    for number, part in enumerate((keys[::2], keys[1::2]), start=1):
+        shard = f"diffusion_pytorch_model{dot_variant}-{number:05d}-of-00002.{kind}"
+        _save(folder / shard, {key: state[key] for key in part})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / f"diffusion_pytorch_model.{kind}.index{dot_variant}.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "kind, sharded, variant",
+    [
+        ("safetensors", True, None),
+        ("bin", True, None),
+        ("safetensors", False, "fp16"),
+        ("bin", False, "fp16"),
+        ("safetensors", True, "fp16"),
+    ],
+)
+def test_sharded_pickled_and_fp16_checkpoints_import_the_same_weights(
+    tiny_sd, tmp_path, kind, sharded, variant
+):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    _rewrite(tmp_path / "ckpt", state, kind, sharded, variant)
+    model = StoryDiffusion.from_pretrained(import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd))
+    if variant == "fp16":
+        state = {key: value.half().float() for key, value in state.items()}  # what fp16 kept
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    block = "mid_block.attentions.0.transformer_blocks.0"
+    layer = model.context_layers[layer_key(block)]
+    assert torch.equal(layer.to_k.weight, state[f"{block}.attn3.to_k.weight"])
+    assert torch.equal(layer.norm.bias, state[f"{block}.norm4.bias"])
+
+
+def test_a_folder_without_weights_says_which_files_it_expected(tiny_sd, tmp_path):
+    _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "ckpt" / "weights.pt")
+    with pytest.raises(DataError) as error:
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
+    message = str(error.value)
+    assert str(tmp_path / "ckpt") in message and "found config.json, weights.pt" in message
+    for expected in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin.index.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors.index.fp16.json",
+    ):
+        assert expected in message
+    assert "point --checkpoint at the folder" in message
+
+
+def test_an_index_naming_a_missing_shard_is_refused(tiny_sd, tmp_path):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    _rewrite(tmp_path / "ckpt", state, "safetensors", sharded=True, variant=None)
+    (tmp_path / "ckpt" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(DataError) as error:
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
+    message = str(error.value)
+    assert str(tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors.index.json") in message
+    assert "names 2 shards, but 1 are not in" in message
+    assert "diffusion_pytorch_model-00002-of-00002.safetensors" in message
+    assert "Download every shard" in message and not (tmp_path / "out").exists()
+    (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(DataError, match="not a sharded-checkpoint index"):
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
