@@ -16,6 +16,23 @@ share the real references, so their features are computed once per step (``share
 bit-identical to recomputing them per branch. Fast mode (``reference_features="once"``) computes them
 once per frame at a fixed small timestep. With no reference the model is plain SD 1.5 with text guidance.
 References are not padded: fewer than K are masked (a row attends only to the references it has).
+
+``storygen_exact`` (weights from ``storypipe import-storygen``) also follows StoryGen's sampler where it
+differs from the above (haoningwu3639/StoryGen, model/pipeline.py ``__call__``, inference.py):
+
+* References are fed in [0, 1]: their ``ref_image * 2. - 1.`` loop is a no-op (dataset.py, inference.py).
+* References are encoded with a posterior sample (``latent_dist.sample()``), not the posterior mean.
+* The blank image is encoded once, and that one latent is every reference's blank (``zero_image_prompt``).
+* One reference noise is drawn per frame, before the loop, and reused: the same tensor for every
+  reference, for the blank and the real references, and at every denoising step (their
+  ``noise = torch.randn_like(image_prompts[0])``; their training shares one ``ref_noise`` likewise).
+
+StoryGen draws that sample and noise from the unseeded global RNG; we draw them from the frame's seeded
+generator, after the starting noise, so a seed still gives one frame. Already the same in every mode: the
+branches, their inputs and the formula above; reference i of N at ``(t // 10) * (N - i)`` (their
+``auto-regressive`` stage, as trained); DDIM with SD 1.5's scheduler config, eta 0, 40 steps, scales 7.0
+and 3.5 (inference.py). Not copied: with ``guidance_scale <= 1`` StoryGen turns guidance off, but its
+reference pass then gets a list as text and fails; we keep the three branches at every scale.
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ class _References:
 
     latents: torch.Tensor  # (N, C, h, w), real references
     blank_latents: torch.Tensor  # (N, C, h, w), blank images (the uncond branch)
+    noise: torch.Tensor | None  # (N, C, h, w), storygen_exact's one reference noise; None: fresh per pass
     text: torch.Tensor  # (N, T, D), each reference's own description
     uncond_text: torch.Tensor  # (N, T, D)
     pooled: torch.Tensor  # (N, D), sentence embeddings of the descriptions (memory keys)
@@ -143,9 +161,8 @@ class FrameGenerator:
         started, self._evaluations = time.perf_counter(), 0
         generator = torch.Generator().manual_seed(seed)
 
-        # 1. Text: the description, the empty prompt, and each reference's description.
+        # 1. Text: the description and the empty prompt.
         text, pooled = model.encode_text(["", description])  # (2, T, D), (2, D)
-        references = self._encode_references(context_images, context_descriptions) if context_images else None
 
         # 2. Starting latents: pure noise, or the init image noised to `strength` (img2img).
         model.scheduler.set_timesteps(steps, device=model.device)
@@ -161,7 +178,15 @@ class FrameGenerator:
             init = model.encode_images(model.images_to_tensor([init_image], cfg.resolution))
             latents = model.scheduler.add_noise(init, noise, timesteps[:1])
 
-        # 3. Fast mode: reference features once, at a fixed small timestep.
+        # 3. References and their descriptions; after the starting noise, which storygen_exact's random
+        # reference encoding would otherwise shift.
+        references = (
+            self._encode_references(context_images, context_descriptions, generator)
+            if context_images
+            else None
+        )
+
+        # 4. Fast mode: reference features once, at a fixed small timestep.
         fixed = None
         if references is not None and once:
             fixed = self._branch_features(
@@ -171,7 +196,7 @@ class FrameGenerator:
                 share_reference_passes,
             )
 
-        # 4. Denoise.
+        # 5. Denoise.
         for index, t in enumerate(timesteps):
             scaled = model.scheduler.scale_model_input(latents, t)
             if references is None:
@@ -191,7 +216,7 @@ class FrameGenerator:
             if on_step is not None:
                 on_step(index + 1, len(timesteps))
 
-        # 5. Decode.
+        # 6. Decode.
         image = model.decode_latents(latents)[0]
         return FrameResult(
             image, self._evaluations, time.perf_counter() - started, self.exceeds_prompt_limit(description)
@@ -206,7 +231,9 @@ class FrameGenerator:
         kwargs = {"story": state} if state is not None else None
         return self.model.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 
-    def _encode_references(self, images: Sequence[Image.Image], descriptions: Sequence[str]) -> _References:
+    def _encode_references(
+        self, images: Sequence[Image.Image], descriptions: Sequence[str], generator: torch.Generator
+    ) -> _References:
         model = self.model
         count = len(images)
         pixels = model.images_to_tensor(images, self.cfg.resolution)  # (N, 3, H, W) in [-1, 1]
@@ -214,11 +241,21 @@ class FrameGenerator:
             # StoryGen's references stay in [0, 1]: its `ref_image * 2. - 1.` loop rebinds a loop variable
             # (haoningwu3639/StoryGen, dataset.py), and its weights were trained that way.
             pixels = (pixels + 1) / 2  # (N, 3, H, W) in [0, 1]
+            # Posterior samples, the blank image's once for all references, then one reference noise,
+            # in StoryGen's order (haoningwu3639/StoryGen, model/pipeline.py, steps 6.5 and 7).
+            zero = torch.zeros((1, *pixels.shape[1:]), device=pixels.device, dtype=pixels.dtype)
+            blank = model.encode_images(zero, generator)  # (1, C, h, w)
+            blank = blank.expand(count, -1, -1, -1)  # (N, C, h, w)
+            latents = model.encode_images(pixels, generator)  # (N, C, h, w)
+            noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)  # (1, C, h, w)
+            noise = noise.expand_as(latents)  # (N, C, h, w)
+        else:
+            latents, noise = model.encode_images(pixels), None  # (N, C, h, w), the posterior means
+            blank = model.encode_images(torch.zeros_like(pixels))  # StoryGen's "zero image"
         text, pooled = model.encode_text(list(descriptions))  # (N, T, D), (N, D)
         uncond_text, uncond_pooled = model.encode_text([""] * count)
         return _References(
-            latents=model.encode_images(pixels),
-            blank_latents=model.encode_images(torch.zeros_like(pixels)),  # StoryGen's "zero image"
+            latents=latents, blank_latents=blank, noise=noise,
             text=text, uncond_text=uncond_text, pooled=pooled, uncond_pooled=uncond_pooled,
         )  # fmt: skip
 
@@ -230,12 +267,15 @@ class FrameGenerator:
         With ``share`` the real references run once and both branches use the result; otherwise each
         branch runs its own pass (same inputs, same noise), which gives bit-identical features.
         """
-        blank_noise = torch.randn(refs.blank_latents.shape, generator=generator).to(
-            self.model.device, self.model.dtype
-        )
-        real_noise = torch.randn(refs.latents.shape, generator=generator).to(
-            self.model.device, self.model.dtype
-        )
+        if refs.noise is not None:  # storygen_exact: StoryGen's one noise, for both sets and every step
+            blank_noise = real_noise = refs.noise  # (N, C, h, w)
+        else:
+            blank_noise = torch.randn(refs.blank_latents.shape, generator=generator).to(
+                self.model.device, self.model.dtype
+            )
+            real_noise = torch.randn(refs.latents.shape, generator=generator).to(
+                self.model.device, self.model.dtype
+            )
         blank = self._record(refs.blank_latents, refs.uncond_text, t, blank_noise)
         real = self._record(refs.latents, refs.text, t, real_noise)
         return [blank, real, real if share else self._record(refs.latents, refs.text, t, real_noise)]

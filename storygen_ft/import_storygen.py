@@ -5,11 +5,17 @@ cross-attention) and ``norm4`` (its LayerNorm) (haoningwu3639/StoryGen, model/at
 converter splits its state dict into the plain diffusers UNet and those added modules, maps the added
 ones to our context layers, and writes a folder that :meth:`StoryDiffusion.from_pretrained` loads with
 ``generator.context=storygen_exact``; no StoryGen code is needed at run time.
+
+The weights may be one file or shards behind an ``*.index.json`` (its ``weight_map``), safetensors or a
+torch pickle (loaded with ``weights_only=True``), in full precision or as the ``fp16`` variant, with
+diffusers' file names (``diffusion_pytorch_model[.fp16].safetensors``,
+``diffusion_pytorch_model.safetensors.index[.fp16].json``, ...). fp16 weights load into the float32 UNet.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,10 +29,32 @@ from storygen_ft.model import StoryDiffusion, load_sd_parts
 
 EXACT_CONTEXT = "storygen_exact"
 UNET_CONFIG = "config.json"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHTS_NAME = "diffusion_pytorch_model"
+VARIANTS = (None, "fp16")  # full precision first
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """diffusers' naming: the variant goes before the last suffix (``a.safetensors.index.json`` ->
+    ``a.safetensors.index.fp16.json``)."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+# Looked for in this order: per variant, safetensors before pickles, one file before shards.
+WEIGHT_FILES = tuple(
+    variant_name(f"{WEIGHTS_NAME}.{kind}{index}", variant)
+    for variant in VARIANTS
+    for kind in ("safetensors", "bin")
+    for index in ("", ".index.json")
+)
 UNET_CLASS = "UNet2DConditionModel"
 # A bare UNet repo, or a pipeline repo's unet/ (StoryGen's inference loads `<folder>/unet`): not its VAE.
-HUB_PATTERNS = (*(f"{prefix}{name}" for prefix in ("", "*unet/") for name in (UNET_CONFIG, *WEIGHT_FILES)),)
+# The wildcard takes every weight format above (a repo with several downloads them all).
+HUB_PATTERNS = tuple(
+    f"{prefix}{name}" for prefix in ("", "*unet/") for name in (UNET_CONFIG, f"{WEIGHTS_NAME}*")
+)
 LISTED_KEYS = 20  # keys named per kind in a refusal
 # StoryGen's added parameters per transformer block -> ours in ReferenceCrossAttention.
 ADDED_KEYS = {
@@ -65,14 +93,48 @@ def find_unet_folder(checkpoint: str | Path) -> Path:
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The UNet's weights, from safetensors or (tensors only) a torch pickle."""
+    """The UNet's weights: the first of :data:`WEIGHT_FILES` in ``folder``, one file or an index's shards."""
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            if path.suffix == ".safetensors":
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
-    raise DataError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
+            return load_sharded(path) if name.endswith(".json") else load_weight_file(path)
+    found = ", ".join(sorted(path.name for path in folder.iterdir())) or "nothing"
+    raise DataError(
+        f"{folder}: no UNet weights beside its {UNET_CONFIG}; expected one of {', '.join(WEIGHT_FILES)} "
+        f"(found {found}). Download the weight files of StoryGen's unet/ into that folder, or point "
+        "--checkpoint at the folder that has them."
+    )
+
+
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file, or a torch pickle of tensors only (``weights_only=True``: no code runs)."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise DataError(f"{path}: not a torch state dict of tensors ({exc})") from exc
+
+
+def load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The shards an ``*.index.json`` names in its ``weight_map`` (key -> shard file beside it), merged."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{index}: not a sharded-checkpoint index (a JSON object with a weight_map)") from exc
+    if any(not isinstance(shard, str) or Path(shard).name != shard for shard in shards):
+        raise DataError(f"{index}: its weight_map must name shard files in the same folder")
+    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if missing:
+        raise DataError(
+            f"{index} names {len(shards)} shards, but {len(missing)} are not in {index.parent}: "
+            f"{', '.join(missing)}. Download every shard its weight_map lists into that folder."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_weight_file(index.parent / shard))
+    return state
 
 
 def transformer_blocks(unet: UNet2DConditionModel) -> list[str]:

@@ -229,9 +229,14 @@ class StoryDiffusion(nn.Module):
         return images_to_pixels(images, resolution).to(self.device, self.vae.dtype)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [-1, 1] -> scaled latents ``(B, C, H/f, W/f)`` (the posterior mean)."""
-        return self.vae.encode(pixels).latent_dist.mode() * self.latent_scale
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> scaled latents ``(B, C, H/f, W/f)``: the posterior mean, or with
+        ``generator`` a posterior sample (its noise drawn on the CPU, so a seed gives the same on any device)."""
+        posterior = self.vae.encode(pixels).latent_dist
+        if generator is None:
+            return posterior.mode() * self.latent_scale
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)  # (B, C, h, w)
+        return (posterior.mean + posterior.std * eps) * self.latent_scale
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -275,19 +276,147 @@ def test_import_storygen_cli_and_bin_checkpoints(tiny_sd, tmp_path):
     )
 
 
-def test_the_exact_mode_generates_with_references_in_zero_to_one(imported):
-    """The sampler runs on the imported model, and feeds the references in [0, 1] as StoryGen does."""
+# --- StoryGen's sampler (haoningwu3639/StoryGen, model/pipeline.py, ``__call__``) ---------------------
+
+FRAMES = [Image.new("RGB", (32, 32), colour) for colour in ((200, 20, 20), (20, 20, 200))]
+FRAME_TEXTS = ["A red circle.", "A blue square."]
+SAMPLER_STEPS = 3
+
+
+def _exact_generator(imported, monkeypatch, **overrides):
+    """The exact-mode generator on the imported model, with every UNet call logged as
+    ``(latents, t, text, state)``; ``overrides["attend"]`` replaces the current frame's pass."""
     _, model, folder = imported
     cfg = GeneratorConfig(
-        base_model=str(folder), context="storygen_exact", resolution=32, num_inference_steps=2
+        base_model=str(folder), context="storygen_exact", resolution=32, num_inference_steps=SAMPLER_STEPS
     )
     generator = FrameGenerator(model, cfg)
-    frames = [Image.new("RGB", (32, 32), colour) for colour in ((200, 20, 20), (20, 20, 200))]
-    result = generator.generate("A red circle waves.", frames, ["A red circle.", "A blue square."], seed=0)
-    assert result.image.size == (32, 32) and result.unet_evaluations == 2 * (3 + 2 * len(frames))
-    references = generator._encode_references(frames, ["A red circle.", "A blue square."])
-    pixels = model.images_to_tensor(frames, cfg.resolution)  # (N, 3, H, W) in [-1, 1]
-    torch.testing.assert_close(references.latents, model.encode_images((pixels + 1) / 2))
+    calls, real_unet = [], generator._unet
+
+    def spy(latents, t, text, state):
+        calls.append((latents.clone(), t, text.clone(), state))
+        if state is not None and state.mode == "attend" and "attend" in overrides:
+            return overrides["attend"](latents)
+        return real_unet(latents, t, text, state)
+
+    monkeypatch.setattr(generator, "_unet", spy)
+    return generator, calls
+
+
+def _storygen_reference_latents(model, frames, seed):
+    """StoryGen's rule, computed here: after the starting noise, the blank image's posterior sample
+    (once), the references' posterior samples, then one noise for every reference, branch and step."""
+    generator = torch.Generator().manual_seed(seed)
+    channels, side = model.unet.config.in_channels, 32 // model.vae_scale
+    torch.randn((1, channels, side, side), generator=generator)  # the starting latents
+    pixels = torch.stack([
+        torch.from_numpy(np.array(frame.resize((32, 32), Image.Resampling.BICUBIC))).permute(2, 0, 1)
+        for frame in frames
+    ]).float() / 255  # (N, 3, H, W) in [0, 1], as torchvision's ToTensor  # fmt: skip
+
+    def sample(images):
+        posterior = model.vae.encode(images).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator)
+        latents = posterior.mean + posterior.std * eps  # latent_dist.sample()
+        return latents * model.vae.config.scaling_factor
+
+    with torch.no_grad():
+        blank = sample(torch.zeros(1, 3, 32, 32))  # (1, C, h, w)
+        references = sample(pixels)  # (N, C, h, w)
+    noise = torch.randn((1, channels, side, side), generator=generator)  # (1, C, h, w)
+    return blank, references, noise
+
+
+def _add_noise(scheduler, latents, noise, timesteps):
+    alphas = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+    return alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
+
+
+def test_the_exact_mode_feeds_references_as_storygen_at_every_step(imported, monkeypatch):
+    """Each step's reference passes get StoryGen's inputs: references in [0, 1], posterior samples, one
+    blank latent, one noise shared by references, branches and steps, reference i of N at
+    (t // 10) * (N - i), blank with empty captions and real with their own."""
+    _, model, _ = imported
+    generator, calls = _exact_generator(imported, monkeypatch)
+    result = generator.generate("A red circle waves.", FRAMES, FRAME_TEXTS, seed=4)
+    assert result.image.size == (32, 32) and result.unet_evaluations == SAMPLER_STEPS * (3 + 2 * len(FRAMES))
+    blank, references, noise = _storygen_reference_latents(model, FRAMES, seed=4)
+    empty, _ = model.encode_text(["", ""])
+    captions, _ = model.encode_text(FRAME_TEXTS)
+    records = [call for call in calls if call[3].mode == "record"]
+    assert len(records) == 2 * SAMPLER_STEPS  # per step: the blank set, then the real set
+    model.scheduler.set_timesteps(SAMPLER_STEPS)
+    for step, t in enumerate(model.scheduler.timesteps):
+        ref_t = torch.tensor([(int(t) // 10) * 2, (int(t) // 10) * 1])  # (N,), oldest noisiest
+        passes = records[2 * step : 2 * step + 2]
+        for (latents, timesteps, text, _), clean, branch_text in zip(
+            passes, (blank.expand(2, -1, -1, -1), references), (empty, captions), strict=True
+        ):
+            assert torch.equal(timesteps, ref_t)
+            # Tolerance: the VAE sees the pixels in another memory layout here (conv rounding).
+            expected = _add_noise(model.scheduler, clean, noise, ref_t)
+            torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(text, branch_text)
+
+
+def test_the_exact_mode_combines_guidance_as_storygen(imported, monkeypatch):
+    """Fake predictions for the current frame's three rows (uncond, image, all) go into DDIM's step as
+    eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image), with eta 0."""
+    _, model, _ = imported
+    fake = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(7))  # (3, C, h, w)
+    generator, calls = _exact_generator(imported, monkeypatch, attend=lambda latents: fake.clone())
+    stepped, real_step = [], model.scheduler.step
+
+    def step(eps, t, latents, *args, **kwargs):
+        stepped.append((eps.clone(), args, kwargs))
+        return real_step(eps, t, latents, *args, **kwargs)
+
+    monkeypatch.setattr(model.scheduler, "step", step)
+    generator.generate(
+        "A red circle waves.", FRAMES, FRAME_TEXTS, seed=0, guidance_scale=5.0, image_guidance_scale=2.0
+    )
+    uncond, image, full = fake.chunk(3)
+    expected = uncond + 2.0 * (image - uncond) + 5.0 * (full - image)  # model/pipeline.py, "perform guidance"
+    assert len(stepped) == SAMPLER_STEPS
+    for eps, args, kwargs in stepped:
+        torch.testing.assert_close(eps, expected)
+        assert not args and kwargs.get("eta", 0.0) == 0.0
+    text, _ = model.encode_text(["", "", "A red circle waves."])
+    for latents, _, branch_text, state in (call for call in calls if call[3].mode == "attend"):
+        torch.testing.assert_close(branch_text, text)  # uncond, uncond, cond
+        assert torch.equal(latents[0], latents[1]) and torch.equal(latents[1], latents[2])
+        for tokens in state.features.values():  # (3, N, L, C): blank, real, real references
+            assert torch.equal(tokens[1], tokens[2]) and not torch.equal(tokens[0], tokens[1])
+
+
+def test_the_exact_mode_samples_with_storygens_ddim(imported):
+    """StoryGen's inference: DDIM from SD 1.5's scheduler config, 40 steps, scales 7 and 3.5 (inference.py);
+    diffusers 0.13's DDIM spaced its steps as 'leading' with the offset."""
+    _, model, _ = imported
+    assert isinstance(model.scheduler, DDIMScheduler)
+    config = model.scheduler.config
+    assert (config.steps_offset, config.set_alpha_to_one, config.clip_sample) == (1, False, False)
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    cfg = GeneratorConfig()
+    defaults = (cfg.scheduler, cfg.num_inference_steps, cfg.guidance_scale, cfg.image_guidance_scale)
+    assert defaults == ("ddim", 40, 7.0, 3.5) and cfg.reference_timestep_divisor == 10
+    model.scheduler.set_timesteps(40)
+    assert model.scheduler.timesteps.tolist() == [25 * i + 1 for i in range(39, -1, -1)]
+
+
+def test_other_modes_keep_posterior_means_and_fresh_reference_noise(imported):
+    """The StoryGen sampler quirks stay in the exact mode: ``storygen`` on the same weights encodes the
+    references' posterior means in [-1, 1] and draws its reference noise per pass."""
+    _, exact, _ = imported
+    model = StoryDiffusion(
+        exact.vae, exact.text_encoder, exact.tokenizer, exact.unet, exact.scheduler, "storygen"
+    )
+    cfg = GeneratorConfig(base_model="unused", resolution=32, num_inference_steps=SAMPLER_STEPS)
+    references = FrameGenerator(model, cfg)._encode_references(
+        FRAMES, FRAME_TEXTS, torch.Generator().manual_seed(0)
+    )
+    assert references.noise is None
+    torch.testing.assert_close(references.latents, model.encode_images(model.images_to_tensor(FRAMES, 32)))
 
 
 def test_a_checkpoint_that_is_neither_a_folder_nor_reachable_is_refused(tiny_sd, tmp_path):
@@ -299,3 +428,90 @@ def test_a_checkpoint_that_is_neither_a_folder_nor_reachable_is_refused(tiny_sd,
     UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").save_config(tmp_path / "two" / "a")
     with pytest.raises(DataError, match="expected one UNet2DConditionModel folder"):
         import_storygen(tmp_path / "two", tmp_path / "out", tiny_sd)
+
+
+# --- Checkpoint formats: one file or shards, safetensors or pickles, full precision or fp16 ----------
+
+
+def _save(path, tensors):
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+
+
+def _rewrite(folder, state, kind, sharded, variant):
+    """The checkpoint in ``folder`` rewritten with diffusers' file names for that format."""
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    if variant is not None:
+        state = {key: value.half() for key, value in state.items()}
+    dot_variant = f".{variant}" if variant else ""
+    if not sharded:
+        _save(folder / f"diffusion_pytorch_model{dot_variant}.{kind}", state)
+        return
+    keys, weight_map = sorted(state), {}
+    for number, part in enumerate((keys[::2], keys[1::2]), start=1):
+        shard = f"diffusion_pytorch_model{dot_variant}-{number:05d}-of-00002.{kind}"
+        _save(folder / shard, {key: state[key] for key in part})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / f"diffusion_pytorch_model.{kind}.index{dot_variant}.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "kind, sharded, variant",
+    [
+        ("safetensors", True, None),
+        ("bin", True, None),
+        ("safetensors", False, "fp16"),
+        ("bin", False, "fp16"),
+        ("safetensors", True, "fp16"),
+    ],
+)
+def test_sharded_pickled_and_fp16_checkpoints_import_the_same_weights(
+    tiny_sd, tmp_path, kind, sharded, variant
+):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    _rewrite(tmp_path / "ckpt", state, kind, sharded, variant)
+    model = StoryDiffusion.from_pretrained(import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd))
+    if variant == "fp16":
+        state = {key: value.half().float() for key, value in state.items()}  # what fp16 kept
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    block = "mid_block.attentions.0.transformer_blocks.0"
+    layer = model.context_layers[layer_key(block)]
+    assert torch.equal(layer.to_k.weight, state[f"{block}.attn3.to_k.weight"])
+    assert torch.equal(layer.norm.bias, state[f"{block}.norm4.bias"])
+
+
+def test_a_folder_without_weights_says_which_files_it_expected(tiny_sd, tmp_path):
+    _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "ckpt" / "weights.pt")
+    with pytest.raises(DataError) as error:
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
+    message = str(error.value)
+    assert str(tmp_path / "ckpt") in message and "found config.json, weights.pt" in message
+    for expected in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin.index.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors.index.fp16.json",
+    ):
+        assert expected in message
+    assert "point --checkpoint at the folder" in message
+
+
+def test_an_index_naming_a_missing_shard_is_refused(tiny_sd, tmp_path):
+    state = _storygen_checkpoint(tmp_path / "ckpt", tiny_sd)
+    _rewrite(tmp_path / "ckpt", state, "safetensors", sharded=True, variant=None)
+    (tmp_path / "ckpt" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(DataError) as error:
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
+    message = str(error.value)
+    assert str(tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors.index.json") in message
+    assert "names 2 shards, but 1 are not in" in message
+    assert "diffusion_pytorch_model-00002-of-00002.safetensors" in message
+    assert "Download every shard" in message and not (tmp_path / "out").exists()
+    (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(DataError, match="not a sharded-checkpoint index"):
+        import_storygen(tmp_path / "ckpt", tmp_path / "out", tiny_sd)
