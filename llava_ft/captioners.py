@@ -23,7 +23,7 @@ from llava_ft.config import TASKS, CaptionerConfig, adapter_advice
 from llava_ft.model import chat_prompt, load_llava, resolve_base_model
 from pipeline.config import OffloadMode
 from pipeline.errors import ConfigError, StorypipeError
-from pipeline.offload import Placement, execution_device, place_modules
+from pipeline.offload import Placement, place_modules
 from pipeline.prompts import PromptTemplates
 
 # bitsandbytes' 4-bit weights stay where they were loaded, so offload hooks cannot move them.
@@ -110,7 +110,9 @@ class Captioners:
     def device(self) -> torch.device:
         """Where the model runs: the execution device under offload (its parameters are then on the CPU
         or the meta device), else its parameters' device."""
-        return execution_device(self.model) or self.model.device
+        if self.placement is not None and self.placement.mode != "none":
+            return self.placement.execution_device
+        return self.model.device
 
     @property
     def zero_shot_tasks(self) -> tuple[str, ...]:

@@ -56,6 +56,9 @@ def place_modules(
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"runtime.offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # With its index, so the hooks see that a module already on it needs no transfer.
+        device = torch.device("cuda", torch.cuda.current_device())
     if mode == "none":
         for module in (*modules, *resident):
             module.to(device)
@@ -76,7 +79,8 @@ def place_modules(
 
 
 def execution_device(module: nn.Module) -> torch.device | None:
-    """The device an offloaded ``module`` runs on (from its accelerate hooks); None without any.
+    """The device an offloaded ``module`` runs on, read from its accelerate hooks (None without any):
+    what the hooks will really do, for checks; the models report their :class:`Placement`'s.
 
     Following diffusers' ``DiffusionPipeline._execution_device``.
     """

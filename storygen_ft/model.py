@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 from pipeline.config import OffloadMode, in_cache
 from pipeline.errors import StorypipeError, model_load_error, require_model_folder
 from pipeline.io import atomic_write_folder, atomic_write_json
-from pipeline.offload import Placement, execution_device, place_modules
+from pipeline.offload import Placement, place_modules
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 from storygen_ft.attention import (
     ContextKind,
@@ -225,7 +225,9 @@ class StoryDiffusion(nn.Module):
     def device(self) -> torch.device:
         """Where the components run: the execution device under offload (the parameters are then on
         the CPU or the meta device), else the UNet's."""
-        return execution_device(self.unet) or self.unet.device
+        if self.placement is not None and self.placement.mode != "none":
+            return self.placement.execution_device
+        return self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
