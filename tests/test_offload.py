@@ -15,7 +15,7 @@ from llava_ft.captioners import Captioners
 from llava_ft.model import load_llava
 from pipeline.config import RuntimeConfig, load_config
 from pipeline.errors import ConfigError, InvalidConfigValue
-from pipeline.offload import execution_device
+from pipeline.offload import Placement, execution_device
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.generator import FrameGenerator
 from storygen_ft.model import StoryDiffusion
@@ -34,7 +34,7 @@ REFERENCE_TEXTS = ["A red circle jumps.", "A blue square runs."]
 
 
 @pytest.fixture(scope="module", params=["storygen", "memory"])
-def trained_sd(request, tiny_sd, tmp_path_factory):
+def sd_config(request, tiny_sd, tmp_path_factory):
     """The tiny SD with random (non-zero) context layers saved beside it, so the references change the
     frame: an offload that left the context layers behind could not give the same output."""
     model = StoryDiffusion.from_pretrained(tiny_sd, context=request.param)
@@ -63,8 +63,8 @@ def _frames(generator: FrameGenerator) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def plain_frames(trained_sd):
-    generator = _generator(trained_sd, "none")
+def plain_frames(sd_config):
+    generator = _generator(sd_config, "none")
     plain = np.asarray(generator.generate("A red circle waves.", seed=1).image)
     frames = _frames(generator)
     assert not np.array_equal(plain, frames[0])  # the context layers take part
@@ -72,13 +72,13 @@ def plain_frames(trained_sd):
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
-def test_offloaded_generator_gives_the_same_frames(trained_sd, plain_frames, offload):
-    frames = _frames(_generator(trained_sd, offload))
+def test_offloaded_generator_gives_the_same_frames(sd_config, plain_frames, offload):
+    frames = _frames(_generator(sd_config, offload))
     assert all(np.array_equal(a, b) for a, b in zip(frames, plain_frames, strict=True))
 
 
-def test_model_offload_chains_the_components_in_execution_order(trained_sd):
-    model = _generator(trained_sd, "model").model
+def test_model_offload_chains_the_components_in_execution_order(sd_config):
+    model = _generator(sd_config, "model").model
     components = [model.text_encoder, model.unet, model.vae]
     for component in components:
         assert isinstance(component._hf_hook, CpuOffload)
@@ -90,8 +90,25 @@ def test_model_offload_chains_the_components_in_execution_order(trained_sd):
     assert model.device == CPU
 
 
-def test_sequential_offload_streams_every_component_from_meta_parameters(trained_sd):
-    model = _generator(trained_sd, "sequential").model
+class CountingPlacement(Placement):
+    """A placement that counts its offloads (on the CPU the modules stay put either way)."""
+
+    offloads = 0
+
+    def offload(self) -> None:
+        self.offloads += 1
+        super().offload()
+
+
+def test_the_generator_frees_the_gpu_before_the_unet_and_after_each_frame(sd_config):
+    generator = _generator(sd_config, "model")
+    generator.model.placement = CountingPlacement(**vars(generator.model.placement))
+    generator.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1)
+    assert generator.model.placement.offloads == 2  # the encoders done, then the frame done
+
+
+def test_sequential_offload_streams_every_component_from_meta_parameters(sd_config):
+    model = _generator(sd_config, "sequential").model
     for component in (model.text_encoder, model.unet, model.vae, model.context_layers):
         assert {p.device.type for p in component.parameters()} == {"meta"}
         assert execution_device(component) == CPU
@@ -99,8 +116,8 @@ def test_sequential_offload_streams_every_component_from_meta_parameters(trained
     assert model.dtype == torch.float32
 
 
-def test_no_offload_attaches_no_hook(trained_sd):
-    model = _generator(trained_sd, "none").model
+def test_no_offload_attaches_no_hook(sd_config):
+    model = _generator(sd_config, "none").model
     assert not any(hasattr(module, "_hf_hook") for module in model.modules())
     assert execution_device(model) is None and model.device == CPU
 
@@ -146,6 +163,13 @@ def test_offloaded_captioners_give_the_same_captions(captioner_config, llava_sam
     assert execution_device(offloaded.model) == CPU and offloaded.device == CPU
     assert _captions(offloaded, images) == plain
     assert _captions(offloaded.with_temperature(1.0), images) == plain  # the hooks come along
+
+
+def test_the_captioners_go_back_to_the_cpu_after_each_call(captioner_config, llava_samples):
+    captioners = Captioners.from_config(captioner_config, offload="model")
+    captioners.placement = CountingPlacement(**vars(captioners.placement))
+    _captions(captioners, frame_images(llava_samples))
+    assert captioners.placement.offloads == 2
 
 
 def test_a_four_bit_captioner_cannot_be_offloaded(captioner_config):
