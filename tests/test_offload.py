@@ -36,7 +36,7 @@ REFERENCE_TEXTS = ["A red circle jumps.", "A blue square runs."]
 @pytest.fixture(scope="module", params=["storygen", "memory"])
 def sd_config(request, tiny_sd, tmp_path_factory):
     """The tiny SD with random (non-zero) context layers saved beside it, so the references change the
-    frame: an offload that left the context layers behind could not give the same output."""
+    frame and the offloaded context layers really take part."""
     model = StoryDiffusion.from_pretrained(tiny_sd, context=request.param)
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():
