@@ -21,8 +21,18 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from llava_ft.config import TASKS, CaptionerConfig, adapter_advice
 from llava_ft.model import chat_prompt, load_llava, resolve_base_model
-from pipeline.errors import StorypipeError
+from pipeline.config import OffloadMode
+from pipeline.errors import ConfigError, StorypipeError
+from pipeline.offload import Placement, place_modules
 from pipeline.prompts import PromptTemplates
+
+# bitsandbytes' 4-bit weights stay where they were loaded, so offload hooks cannot move them.
+OFFLOAD_4BIT_ADVICE = (
+    "a 4-bit captioner (captioner.load_in_4bit=true) cannot be offloaded with runtime.offload={offload}: "
+    "bitsandbytes weights stay on the device they load on. Load the captioners with offload='none' "
+    "(storypipe does: with a 4-bit captioner runtime.offload applies to the generator only), "
+    "or set captioner.load_in_4bit=false to offload the captioners too"
+)
 
 
 class Captioners:
@@ -33,8 +43,10 @@ class Captioners:
         adapters: Sequence[str],
         cfg: CaptionerConfig,
         prompts: PromptTemplates | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.model = model.eval()
+        self.placement = placement  # from runtime.offload; keeps the offload hooks alive
         self.processor = processor
         self.adapters = tuple(
             adapters
@@ -44,14 +56,23 @@ class Captioners:
 
     @classmethod
     def from_config(
-        cls, cfg: CaptionerConfig, device: torch.device | str = "cpu", load_in_4bit: bool | None = None
+        cls,
+        cfg: CaptionerConfig,
+        device: torch.device | str = "cpu",
+        load_in_4bit: bool | None = None,
+        offload: OffloadMode = "none",
     ) -> Captioners:
-        """Load the base once, then each configured adapter onto it under its task's name."""
+        """Load the base once, then each configured adapter onto it under its task's name; then place
+        the whole model on ``device`` as ``offload`` (``runtime.offload``) says: one module, so under
+        ``model`` it moves to the GPU for each call and back to the CPU after it."""
+        quantised = cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
+        if quantised and offload != "none":
+            raise ConfigError(OFFLOAD_4BIT_ADVICE.format(offload=offload))
         model, processor = load_llava(
             resolve_base_model(cfg),
-            load_in_4bit=cfg.load_in_4bit if load_in_4bit is None else load_in_4bit,
+            load_in_4bit=quantised,
             dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32,
-            device=device,
+            device=device if offload == "none" else None,  # offloaded: loaded on the CPU, placed below
         )
         adapters = []
         for task in TASKS:
@@ -71,14 +92,27 @@ class Captioners:
                     + adapter_advice(task)
                 ) from exc
             adapters.append(task)
-        return cls(model, processor, adapters, cfg)
+        placement = None
+        if offload != "none":
+            # The hook goes on the LLaVA itself: PeftModel.generate calls its forward, not the wrapper's.
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            placement = place_modules([base], device, offload)
+        return cls(model, processor, adapters, cfg, placement=placement)
 
     def with_temperature(self, temperature: float) -> Captioners:
         """The same loaded model and adapters, decoding at another temperature (0 = greedy)."""
         return Captioners(
             self.model, self.processor, self.adapters,
-            dataclasses.replace(self.cfg, temperature=temperature), self.prompts,
+            dataclasses.replace(self.cfg, temperature=temperature), self.prompts, self.placement,
         )  # fmt: skip
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs: the execution device under offload (its parameters are then on the CPU
+        or the meta device), else its parameters' device."""
+        if self.placement is not None and self.placement.mode != "none":
+            return self.placement.execution_device
+        return self.model.device
 
     @property
     def zero_shot_tasks(self) -> tuple[str, ...]:
@@ -129,7 +163,7 @@ class Captioners:
         rgb = [image.convert("RGB") for image in images]
         self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(text=prompts, images=rgb, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.model.device)
+        inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
 
         # 2. Sampling settings from config; temperature 0 means greedy.
@@ -138,10 +172,14 @@ class Captioners:
             sampling.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p)
 
         # 3. Generate under the task's adapter, with a private RNG stream when a seed is given.
-        with self._adapter(task), _seeded(seed, self.model.device):
-            output = self.model.generate(
-                **inputs, **sampling, pad_token_id=self.processor.tokenizer.pad_token_id
-            )
+        try:
+            with self._adapter(task), _seeded(seed, self.device):
+                output = self.model.generate(
+                    **inputs, **sampling, pad_token_id=self.processor.tokenizer.pad_token_id
+                )
+        finally:
+            if self.placement is not None:
+                self.placement.offload()  # runtime.offload=model: back to the CPU for the generator
         new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (B, new)
         return [
             clean_caption(text) for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)

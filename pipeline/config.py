@@ -177,11 +177,25 @@ class StoryConfig:
         ])  # fmt: skip
 
 
+# How models share the GPU: `runtime.offload`, applied by pipeline.offload.place_modules.
+OffloadMode = Literal["none", "model", "sequential"]
+OFFLOAD_MODES: tuple[str, ...] = typing.get_args(OffloadMode)
+
+
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The real preset's models are too slow for a CPU; it says so instead of silently taking hours.
     require_gpu: bool = False
+    # Trade speed for GPU memory (see pipeline.offload): "model" keeps each model on the CPU until it
+    # runs (one SD component or the LLaVA at a time on the GPU); "sequential" streams every layer's
+    # weights in as it runs (least memory, slowest). A 4-bit captioner cannot move and stays resident.
+    offload: OffloadMode = "none"
+
+    def __post_init__(self) -> None:
+        validate(self, [
+            (self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"),
+        ])  # fmt: skip
 
 
 def validate(section: Any, checks: list[tuple[bool, str, str]]) -> None:
@@ -480,6 +494,8 @@ def save_resolved_config(config: Any, folder: str | Path) -> Path:
 __all__ = [
     "DataConfig",
     "ModelPath",
+    "OFFLOAD_MODES",
+    "OffloadMode",
     "RuntimeConfig",
     "StoryConfig",
     "ToyDataConfig",

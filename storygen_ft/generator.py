@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from pipeline.config import OffloadMode
 from storygen_ft.attention import StoryAttentionState
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
@@ -77,12 +78,15 @@ class FrameGenerator:
         self._evaluations = 0
 
     @classmethod
-    def from_config(cls, cfg: GeneratorConfig, device: torch.device | str = "cpu") -> FrameGenerator:
+    def from_config(
+        cls, cfg: GeneratorConfig, device: torch.device | str = "cpu", offload: OffloadMode = "none"
+    ) -> FrameGenerator:
+        """Load the model and place it on ``device`` as ``offload`` (``runtime.offload``) says."""
         model = StoryDiffusion.from_pretrained(
             resolve_base_model(cfg), context=cfg.context, scheduler=cfg.scheduler
         )
         dtype = getattr(torch, cfg.torch_dtype_name(torch.device(device).type))
-        return cls(model.to(device, dtype), cfg)
+        return cls(model.place(device, dtype, offload), cfg)
 
     @property
     def max_references(self) -> int:
@@ -158,69 +162,77 @@ class FrameGenerator:
         self.check_inputs(
             description, context_images, context_descriptions, steps, s_txt, s_img, init_image, strength
         )
-        started, self._evaluations = time.perf_counter(), 0
-        generator = torch.Generator().manual_seed(seed)
+        try:
+            started, self._evaluations = time.perf_counter(), 0
+            generator = torch.Generator().manual_seed(seed)
 
-        # 1. Text: the description and the empty prompt.
-        text, pooled = model.encode_text(["", description])  # (2, T, D), (2, D)
+            # 1. Text: the description and the empty prompt.
+            text, pooled = model.encode_text(["", description])  # (2, T, D), (2, D)
 
-        # 2. Starting latents: pure noise, or the init image noised to `strength` (img2img).
-        model.scheduler.set_timesteps(steps, device=model.device)
-        timesteps = model.scheduler.timesteps
-        side = cfg.resolution // model.vae_scale
-        shape = (1, model.unet.config.in_channels, side, side)
-        noise = torch.randn(shape, generator=generator).to(model.device, model.dtype)  # drawn on the CPU
-        if init_image is None:
-            latents = noise * model.scheduler.init_noise_sigma  # (1, C, h, w)
-        else:
-            kept = max(1, round(steps * strength))
-            timesteps = timesteps[steps - kept :]
-            init = model.encode_images(model.images_to_tensor([init_image], cfg.resolution))
-            latents = model.scheduler.add_noise(init, noise, timesteps[:1])
-
-        # 3. References and their descriptions; after the starting noise, which storygen_exact's random
-        # reference encoding would otherwise shift.
-        references = (
-            self._encode_references(context_images, context_descriptions, generator)
-            if context_images
-            else None
-        )
-
-        # 4. Fast mode: reference features once, at a fixed small timestep.
-        fixed = None
-        if references is not None and once:
-            fixed = self._branch_features(
-                references,
-                cfg.fast_reference_timestep * cfg.reference_timestep_divisor,
-                generator,
-                share_reference_passes,
-            )
-
-        # 5. Denoise.
-        for index, t in enumerate(timesteps):
-            scaled = model.scheduler.scale_model_input(latents, t)
-            if references is None:
-                eps_uncond, eps_text = self._unet(scaled.repeat(2, 1, 1, 1), t, text, None).chunk(2)
-                eps = eps_uncond + s_txt * (eps_text - eps_uncond)
+            # 2. Starting latents: pure noise, or the init image noised to `strength` (img2img).
+            model.scheduler.set_timesteps(steps, device=model.device)
+            timesteps = model.scheduler.timesteps
+            side = cfg.resolution // model.vae_scale
+            shape = (1, model.unet.config.in_channels, side, side)
+            noise = torch.randn(shape, generator=generator).to(model.device, model.dtype)  # drawn on the CPU
+            if init_image is None:
+                latents = noise * model.scheduler.init_noise_sigma  # (1, C, h, w)
             else:
-                features = fixed or self._branch_features(
-                    references, int(t), generator, share_reference_passes
-                )
-                state = self._attend_state(features, references, pooled)
-                branch_text = text[[0, 0, 1]]  # uncond, image, all
-                eps_uncond, eps_image, eps_all = self._unet(
-                    scaled.repeat(3, 1, 1, 1), t, branch_text, state
-                ).chunk(3)
-                eps = eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image)
-            latents = model.scheduler.step(eps, t, latents).prev_sample
-            if on_step is not None:
-                on_step(index + 1, len(timesteps))
+                kept = max(1, round(steps * strength))
+                timesteps = timesteps[steps - kept :]
+                init = model.encode_images(model.images_to_tensor([init_image], cfg.resolution))
+                latents = model.scheduler.add_noise(init, noise, timesteps[:1])
 
-        # 6. Decode.
-        image = model.decode_latents(latents)[0]
-        return FrameResult(
-            image, self._evaluations, time.perf_counter() - started, self.exceeds_prompt_limit(description)
-        )
+            # 3. References and their descriptions; after the starting noise, which storygen_exact's random
+            # reference encoding would otherwise shift.
+            references = (
+                self._encode_references(context_images, context_descriptions, generator)
+                if context_images
+                else None
+            )
+            # The encoders are done: under runtime.offload=model the UNet then has the GPU to itself.
+            model.offload()
+
+            # 4. Fast mode: reference features once, at a fixed small timestep.
+            fixed = None
+            if references is not None and once:
+                fixed = self._branch_features(
+                    references,
+                    cfg.fast_reference_timestep * cfg.reference_timestep_divisor,
+                    generator,
+                    share_reference_passes,
+                )
+
+            # 5. Denoise.
+            for index, t in enumerate(timesteps):
+                scaled = model.scheduler.scale_model_input(latents, t)
+                if references is None:
+                    eps_uncond, eps_text = self._unet(scaled.repeat(2, 1, 1, 1), t, text, None).chunk(2)
+                    eps = eps_uncond + s_txt * (eps_text - eps_uncond)
+                else:
+                    features = fixed or self._branch_features(
+                        references, int(t), generator, share_reference_passes
+                    )
+                    state = self._attend_state(features, references, pooled)
+                    branch_text = text[[0, 0, 1]]  # uncond, image, all
+                    eps_uncond, eps_image, eps_all = self._unet(
+                        scaled.repeat(3, 1, 1, 1), t, branch_text, state
+                    ).chunk(3)
+                    eps = eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image)
+                latents = model.scheduler.step(eps, t, latents).prev_sample
+                if on_step is not None:
+                    on_step(index + 1, len(timesteps))
+
+            # 6. Decode.
+            image = model.decode_latents(latents)[0]
+            return FrameResult(
+                image,
+                self._evaluations,
+                time.perf_counter() - started,
+                self.exceeds_prompt_limit(description),
+            )
+        finally:
+            model.offload()  # runtime.offload=model: nothing stays on the GPU between frames
 
     # ----------------------------------------------------------------------------------------
 

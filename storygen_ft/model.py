@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-from pipeline.config import in_cache
+from pipeline.config import OffloadMode, in_cache
 from pipeline.errors import StorypipeError, model_load_error, require_model_folder
 from pipeline.io import atomic_write_folder, atomic_write_json
+from pipeline.offload import Placement, place_modules
 from pipeline.tiny_text import build_byte_bpe_tokenizer, tiny_corpus
 from storygen_ft.attention import (
     ContextKind,
@@ -88,6 +89,7 @@ class StoryDiffusion(nn.Module):
         )
         install_story_processors(unet, self.context_layers, context_kind)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.placement: Placement | None = None  # set by place()
 
     # ----------------------------------------------------------------------------------------
     # Loading and saving
@@ -137,6 +139,24 @@ class StoryDiffusion(nn.Module):
 
         # Keep the run's other files (config.yaml, train_log.jsonl) when saving into a run folder.
         return atomic_write_folder(folder, write, keep_existing_files=True)
+
+    def place(
+        self, device: torch.device | str, dtype: torch.dtype, offload: OffloadMode = "none"
+    ) -> StoryDiffusion:
+        """Cast to ``dtype`` and put the components on ``device`` as ``runtime.offload`` says
+        (:func:`pipeline.offload.place_modules`): under ``model`` the text encoder, UNet and VAE take
+        turns on the GPU in that order, and the context layers (which the UNet's processors call) stay
+        there; under ``sequential`` every layer streams its weights in."""
+        self.to(dtype=dtype)
+        self.placement = place_modules(
+            [self.text_encoder, self.unet, self.vae], device, offload, resident=[self.context_layers]
+        )
+        return self
+
+    def offload(self) -> None:
+        """Under ``runtime.offload=model``, move the components back to the CPU (between uses)."""
+        if self.placement is not None:
+            self.placement.offload()
 
     # ----------------------------------------------------------------------------------------
     # Training loss
@@ -203,6 +223,10 @@ class StoryDiffusion(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the components run: the execution device under offload (the parameters are then on
+        the CPU or the meta device), else the UNet's."""
+        if self.placement is not None and self.placement.mode != "none":
+            return self.placement.execution_device
         return self.unet.device
 
     @property
@@ -215,7 +239,7 @@ class StoryDiffusion(nn.Module):
 
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP token states ``(B, T, D)`` for cross-attention and the pooled sentence embedding ``(B, D)``."""
-        return encode_prompts(self.tokenizer, self.text_encoder, texts)
+        return encode_prompts(self.tokenizer, self.text_encoder, texts, device=self.device)
 
     @property
     def text_max_length(self) -> int:
@@ -276,15 +300,19 @@ def prompt_max_length(tokenizer, text_encoder) -> int:
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP token states ``(B, T, D)`` and pooled embeddings ``(B, D)``, padded to the full context length."""
+def encode_prompts(
+    tokenizer, text_encoder, texts: Sequence[str], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP token states ``(B, T, D)`` and pooled embeddings ``(B, D)``, padded to the full context length.
+
+    The tokens go to ``device`` (the execution device under offload), else to the encoder's."""
     tokens = tokenizer(
         list(texts),
         padding="max_length",
         truncation=True,
         max_length=prompt_max_length(tokenizer, text_encoder),
         return_tensors="pt",
-    ).to(text_encoder.device)
+    ).to(device or text_encoder.device)
     output = text_encoder(tokens.input_ids)
     return output.last_hidden_state, output.pooler_output
 

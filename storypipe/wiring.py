@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from eval.baselines import ImageToTextBaseline, TextOnlyBaseline
     from eval.scoring import Measures
     from llava_ft.captioners import Captioners
+    from pipeline.config import OffloadMode
     from pipeline.prompts import PromptTemplates
     from storygen_ft.config import GeneratorConfig
     from storygen_ft.generator import FrameGenerator
@@ -43,17 +44,29 @@ def resolve_device(cfg: StorypipeConfig) -> str:
     return device
 
 
+def captioner_offload(cfg: StorypipeConfig) -> OffloadMode:
+    """``runtime.offload`` for the captioners: a 4-bit LLaVA (``captioner.load_in_4bit``) cannot be moved
+    by offload hooks, so it stays resident and ``runtime.offload`` applies to the generator only."""
+    return "none" if cfg.captioner.load_in_4bit else cfg.runtime.offload
+
+
 def load_captioners(cfg: StorypipeConfig, device: str | None = None) -> Captioners:
-    """Both captioners on one base, on ``device`` (default: from ``runtime``)."""
+    """Both captioners on one base, on ``device`` (default: from ``runtime``), offloaded as
+    :func:`captioner_offload` says."""
     from llava_ft.captioners import Captioners
 
-    return Captioners.from_config(cfg.captioner, device=device or resolve_device(cfg))
+    return Captioners.from_config(
+        cfg.captioner, device=device or resolve_device(cfg), offload=captioner_offload(cfg)
+    )
 
 
 def load_frame_generator(cfg: StorypipeConfig, device: str | None = None) -> FrameGenerator:
+    """The frame generator on ``device`` (default: from ``runtime``), offloaded as ``runtime.offload`` says."""
     from storygen_ft.generator import FrameGenerator
 
-    return FrameGenerator.from_config(cfg.generator, device=device or resolve_device(cfg))
+    return FrameGenerator.from_config(
+        cfg.generator, device=device or resolve_device(cfg), offload=cfg.runtime.offload
+    )
 
 
 def memory_generator_config(cfg: StorypipeConfig) -> GeneratorConfig | None:
@@ -74,7 +87,9 @@ def load_memory_frame_generator(cfg: StorypipeConfig, device: str | None = None)
     require_model_folder(
         "eval.memory_generator_model", memory.base_model, EVAL_MODEL_ADVICE["memory_generator_model"]
     )
-    return FrameGenerator.from_config(memory, device=device or resolve_device(cfg))
+    return FrameGenerator.from_config(
+        memory, device=device or resolve_device(cfg), offload=cfg.runtime.offload
+    )
 
 
 # Config fields that never change what a loaded system outputs in `storypipe eval`: training, building a
