@@ -28,6 +28,8 @@ from eval.runner import (
     story_keys,
 )
 from eval.scoring import Measures
+from storypipe.config import resolve_config
+from storypipe.wiring import eval_phases as config_eval_phases
 from tests.test_eval_rows import STORIES, fake_identities, fake_models
 from toy.builders import build_tiny_clip
 
@@ -197,3 +199,18 @@ def test_the_phase_list_follows_the_configured_systems_and_rows():
     assert names[-1] == "scoring" and eval_phases(ALL_SYSTEMS) == EVAL_PHASES
     assert {system for phase in EVAL_PHASES for system in phase.systems} == ALL_SYSTEMS
     assert eval_phases(ALL_SYSTEMS, ["sd_no_context", "gt"]) == (EVAL_PHASES[2], EVAL_PHASES[-1])
+    # The planner's view: the vist preset's phases, each with the model groups it holds at once.
+    vist = resolve_config(preset="vist")
+    assert [(phase.name, phase.models) for phase in config_eval_phases(vist)] == [
+        ("captioners", ("captioners",)),
+        ("told_stories", ("captioners", "generator")),
+        ("generator", ("generator",)),
+        ("caption_baseline", ("caption_baseline",)),
+        ("text_baseline", ("text_baseline",)),
+        ("scoring", ("measures",)),
+    ]  # no memory generator configured: no memory phase
+    memory = resolve_config(preset="vist", overrides=["eval.memory_generator_model=some/hub-id",
+                                                      "eval.text_baseline_model=null"])  # fmt: skip
+    assert [phase.name for phase in config_eval_phases(memory)] == [
+        "captioners", "told_stories", "generator", "memory_generator", "caption_baseline", "scoring",
+    ]  # fmt: skip
