@@ -7,18 +7,20 @@ what it is scored against. For every usable story of the split (in ``story_id`` 
 each row's under the key of what produced it (settings, model folders, seed, the story's inputs), so a
 crashed run resumes where it stopped and a rerun only produces the rows a cached story lacks or holds
 under another key; under ``accelerate launch`` each process takes every n-th story and the main process
-merges. Generated frames are kept under ``OUT/images/{row key}/``, the autoregressive stories as story
-folders under ``OUT/stories/``. On ShapeStories the rows scored against the descriptions also get
-referential scores (:mod:`eval.referential_metrics`): does a description name the characters that the
-next story caption only calls "he", "she" or "they"?
+merges. Models load phase by phase (:mod:`eval.phases`): each phase's models produce their rows for every
+story and are released before the next phase loads; the measuring models load last, to score. Generated
+frames are kept under ``OUT/images/{row key}/``, the autoregressive stories as story folders under
+``OUT/stories/``. On ShapeStories the rows scored against the descriptions also get referential scores
+(:mod:`eval.referential_metrics`): does a description name the characters that the next story caption
+only calls "he", "she" or "they"?
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +38,7 @@ from eval.cache import (
     row_keys,
 )
 from eval.config import EvalConfig
+from eval.phases import EVAL_PHASES, EvalPhase, eval_phases, release_memory
 from eval.report import write_results
 from eval.rows import IMAGE_ROWS, TEXT_ROWS, ImageRow, Row, TextRow, select_rows
 from eval.scoring import Measures, score_images, score_intrinsic, score_text
@@ -93,6 +96,41 @@ class EvalModels:
         """Whether the model ``row`` needs is here (the ground-truth row needs none)."""
         return row.model is None or getattr(self, row.model) is not None
 
+    @property
+    def systems(self) -> frozenset[str]:
+        """The names of the systems that are here."""
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    def only(self, systems: Collection[str]) -> EvalModels:
+        """The same models with only ``systems`` kept (the others None)."""
+        return EvalModels(**{name: getattr(self, name) for name in self.systems & set(systems)})
+
+
+@dataclass(frozen=True)
+class PhasedModels:
+    """The systems under test and the measuring models, each group loaded only for its phase
+    (:mod:`eval.phases`) and dropped after it.
+
+    ``systems`` names the configured systems (:class:`EvalModels` fields), known before anything loads:
+    only their rows are produced. ``loaders`` maps each generating phase's name to a callable that loads
+    that phase's systems afresh and returns them as an :class:`EvalModels`; ``load_measures`` loads the
+    scoring phase's models (called on the main process only). The runner keeps no reference to what a
+    loader returned once its phase is over, so a loader must not keep one either.
+    """
+
+    systems: frozenset[str]
+    loaders: Mapping[str, Callable[[], EvalModels]]
+    load_measures: Callable[[], Measures | None]
+
+    @classmethod
+    def loaded(cls, models: EvalModels, measures: Measures | None) -> PhasedModels:
+        """Models that are all loaded already: every phase's loader hands out its share of them."""
+        return cls(
+            systems=models.systems,
+            loaders={phase.name: lambda phase=phase: models.only(phase.systems) for phase in EVAL_PHASES},
+            load_measures=lambda: measures,
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Per-story generation (cached)
@@ -118,14 +156,16 @@ def select_stories(
     return stories
 
 
-def wanted_rows(models: EvalModels, cfg: EvalConfig) -> list[Row]:
-    """The rows this run produces and scores: those ``cfg.rows`` selects whose model is configured."""
-    return [row for row in select_rows((*TEXT_ROWS, *IMAGE_ROWS), cfg.rows) if models.has(row)]
+def wanted_rows(systems: Collection[str], cfg: EvalConfig) -> list[Row]:
+    """The rows this run produces and scores: those ``cfg.rows`` selects whose system is among
+    ``systems`` (the configured ones), and the ground truth."""
+    rows = select_rows((*TEXT_ROWS, *IMAGE_ROWS), cfg.rows)
+    return [row for row in rows if row.model is None or row.model in systems]
 
 
-def rows_to_generate(record: dict, models: EvalModels, cfg: EvalConfig) -> list[Row]:
-    """The :func:`wanted_rows` whose outputs ``record`` lacks."""
-    wanted = wanted_rows(models, cfg)
+def rows_to_generate(record: dict, systems: Collection[str], cfg: EvalConfig) -> list[Row]:
+    """The :func:`wanted_rows` of ``systems`` whose outputs ``record`` lacks."""
+    wanted = wanted_rows(systems, cfg)
     missing = [row for row in wanted if row.key not in record[row.table]]
     if any(row.autoregressive for row in missing):  # one told story feeds them all: tell it again for all
         missing += [row for row in wanted if row.autoregressive and row not in missing]
@@ -150,7 +190,7 @@ def generate_story_outputs(
     conditioned on.
     """
     record = record if record is not None else new_record(story.story_id)
-    rows = rows_to_generate(record, models, cfg)
+    rows = rows_to_generate(record, models.systems, cfg)
     captions = [frame.story_caption for frame in story.frames]
     prompts = {"story_captions": captions, "descriptions": [frame.description for frame in story.frames]}
     n = len(story.frames)
@@ -222,19 +262,19 @@ def predict_next_texts(
 
 def story_keys(
     stories: list[tuple[VistStory, list[Image.Image]]],
-    models: EvalModels,
+    systems: Collection[str],
     cfg: EvalConfig,
     identities: Mapping[str, Any],
 ) -> dict[str, RowKeys]:
     """Each story's :func:`wanted_rows` keys, by story id; ``identities`` says what determines each
     model's outputs (:func:`storypipe.wiring.eval_identities`)."""
-    rows = wanted_rows(models, cfg)
+    rows = wanted_rows(systems, cfg)
     return {story.story_id: row_keys(story, rows, identities, cfg.seed) for story, _ in stories}
 
 
 def run_generation(
     stories: list[tuple[VistStory, list[Image.Image]]],
-    models: EvalModels,
+    models: PhasedModels,
     cfg: EvalConfig,
     out: Path,
     keys: Mapping[str, RowKeys],
@@ -243,19 +283,56 @@ def run_generation(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Generate each of this process's stories, or only the rows its cached record lacks or holds under
-    another key than ``keys`` (:func:`story_keys`) gives it."""
+    another key than ``keys`` (:func:`story_keys`) gives it, phase by phase (:mod:`eval.phases`).
+
+    First every stale output is dropped from its record (and the record written), before any file is
+    overwritten. Then each generating phase whose rows some story lacks loads its models, produces those
+    rows story by story (each record written as it is done), and releases its models before the next
+    phase loads; a phase with nothing to produce loads nothing. ``progress`` counts (phase, story) steps.
+    """
     mine = stories[process_index::num_processes]
-    rows = wanted_rows(models, cfg)
-    for done, (story, images) in enumerate(mine, start=1):
+    rows, records = wanted_rows(models.systems, cfg), {}
+    for story, _ in mine:
         path = cache_path(out, story.story_id)
         record = read_record(path, story) or new_record(story.story_id)
         if drop_stale(record, rows, keys[story.story_id]):
             atomic_write_json(path, record)  # before any of their files is overwritten
-        if rows_to_generate(record, models, cfg):
-            record = generate_story_outputs(story, images, models, cfg, out, record, keys[story.story_id])
-            atomic_write_json(path, record)
+        records[story.story_id] = record
+
+    phases = [phase for phase in eval_phases(models.systems, cfg.rows) if not phase.scoring]
+    total, done = len(phases) * len(mine), 0
+    for phase in phases:
+        systems = models.systems & set(phase.systems)
+        pending = [(s, images) for s, images in mine if rows_to_generate(records[s.story_id], systems, cfg)]
+        done += len(mine) - len(pending)  # cached: nothing to do
         if progress is not None:
-            progress(done, len(mine))
+            progress(done, total)
+        if not pending:
+            continue
+        loaded = load_phase(models, phase)
+        for story, images in pending:
+            record = generate_story_outputs(
+                story, images, loaded, cfg, out, records[story.story_id], keys[story.story_id]
+            )
+            atomic_write_json(cache_path(out, story.story_id), record)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        del loaded  # the phase's models: freed before the next phase loads its own
+        release_memory()
+
+
+def load_phase(models: PhasedModels, phase: EvalPhase) -> EvalModels:
+    """The systems of ``phase`` that are configured, freshly loaded by its loader (and only those)."""
+    if phase.name not in models.loaders:
+        raise ValueError(f"eval phase {phase.name!r}: no loader for its systems {', '.join(phase.systems)}")
+    loaded = models.loaders[phase.name]().only(phase.systems)
+    wanted = models.systems & set(phase.systems)
+    if loaded.systems != wanted:
+        raise ValueError(
+            f"eval phase {phase.name!r}: its loader gave {sorted(loaded.systems)}, not {sorted(wanted)}"
+        )
+    return loaded
 
 
 def load_records(
@@ -315,24 +392,48 @@ def evaluate(
     *,
     identities: Mapping[str, Any],
 ) -> dict | None:
-    """Generate (sharded, cached), then on the main process score and write the results.
+    """:func:`evaluate_in_phases` with every model loaded already (``models``; ``measures`` on the main
+    process): the same rows, cache and results, for models that fit the device together."""
+    return evaluate_in_phases(
+        stories, data_dir, out, cfg, PhasedModels.loaded(models, measures),
+        process_index, num_processes, wait_for_everyone, progress, identities=identities,
+    )  # fmt: skip
 
-    ``stories`` come from :func:`select_stories`; ``measures`` is needed on the main process only;
+
+def evaluate_in_phases(
+    stories: list[tuple[VistStory, list[Image.Image]]],
+    data_dir: Path,
+    out: Path,
+    cfg: EvalConfig,
+    models: PhasedModels,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], None] = lambda: None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    identities: Mapping[str, Any],
+) -> dict | None:
+    """Generate (sharded, cached, phase by phase), then on the main process load the measuring models,
+    score and write the results.
+
+    ``stories`` come from :func:`select_stories`; ``models`` loads each phase's models when the phase has
+    something to do (:func:`run_generation`), the measuring models last and on the main process only;
     ``identities`` says what determines each model's outputs (:func:`storypipe.wiring.eval_identities`),
     part of every cached output's key. Only the rows ``cfg.rows`` selects whose model is configured are
     scored, each from outputs cached under its current key, also when the cache holds others.
     """
     # 1. Each process generates its share; what a cached story holds under the same key is reused.
-    keys = story_keys(stories, models, cfg, identities)
+    keys = story_keys(stories, models.systems, cfg, identities)
     run_generation(stories, models, cfg, out, keys, process_index, num_processes, progress)
     wait_for_everyone()
     if process_index != 0:
         return None
-    # 2. Merge, check, score, write.
+    # 2. Merge and check (before the measuring models load), then score and write.
     records = load_records(stories, out, keys)
     text_rows, image_rows = select_rows(TEXT_ROWS, cfg.rows), select_rows(IMAGE_ROWS, cfg.rows)
     check_record_images(records, out, image_rows)
     vist_stories = [story for story, _ in stories]
+    measures = models.load_measures()
     results = {
         "data": str(data_dir),
         "split": cfg.split,
@@ -343,5 +444,7 @@ def evaluate(
         "images": score_images(records, vist_stories, measures, out, image_rows),
         "intrinsic": score_intrinsic(records, vist_stories, measures, text_rows),
     }
+    del measures
+    release_memory()
     write_results(results, out)
     return results

@@ -166,15 +166,18 @@ def evaluate(
     """Both papers' metric tables with their baselines, into ``out`` (results.json, results.md, plots).
 
     The systems under test come from the captioner and generator sections, the measuring models from the
-    eval section. Under ``accelerate launch`` each process takes every n-th story; the main process scores
-    and returns the results (the others return None).
+    eval section. They load phase by phase (:mod:`eval.phases`), each phase's freed before the next loads,
+    so the real preset fits one 24 GB GPU; a phase whose rows are all cached loads nothing. Under
+    ``accelerate launch`` each process takes every n-th story; the main process scores and returns the
+    results (the others return None).
     """
     import torch
     from accelerate import PartialState
     from PIL import Image
 
-    from eval.runner import EvalModels, StoryFrames, select_stories
-    from eval.runner import evaluate as run
+    from eval.runner import EvalModels, PhasedModels, StoryFrames, select_stories
+    from eval.runner import evaluate_in_phases as run
+    from pipeline.prompts import PromptTemplates
 
     state = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes: gloo under torchrun
     ecfg = cfg.eval
@@ -184,43 +187,57 @@ def evaluate(
     preflight.require(cfg, "eval")  # every missing model at once, before any loads
     if ecfg.build_tiny_models:
         wiring.build_missing_tiny_eval_models(cfg)
+    wiring.build_missing_tiny_bases(cfg)  # the tiny models' folders fingerprint the cache keys
+    # The captioners load with the shipped prompt templates (Captioners.from_config).
+    identities = wiring.eval_identities(cfg, PromptTemplates.load(), device)
 
-    # 2. The measuring models (main process), loaded before any generation so a bad path fails fast.
-    measures = wiring.load_measures(cfg, device) if state.is_main_process else None
-
-    # 3. The systems under test.
-    captioners, generator = wiring.load_captioners(cfg, device), wiring.load_frame_generator(cfg, device)
-    memory_generator = wiring.load_memory_frame_generator(cfg, device)
-    caption_baseline, text_baseline = wiring.load_baselines(cfg, device)
-    pipe = StoryPipeline(cfg, captioners, generator)
-
-    def tell_story(
-        folder: Path, seed_image: Image.Image, caption: str, frames: int, seed: int
-    ) -> StoryFrames:
-        story = pipe.tell(seed_image, caption, frames=frames, seed=seed)
-        story.save(folder)  # a story folder a person can open
-        return StoryFrames(
-            captions=[f.story_caption for f in story.frames],
-            descriptions=[f.description or "" for f in story.frames],
-            images=[f.image for f in story.frames],
+    # 2. Each phase's loader: the systems under test it runs, loaded afresh (the runner frees them).
+    def captioners() -> EvalModels:  # the text rows decode at eval.text_temperature
+        return EvalModels(
+            captioners=wiring.load_captioners(cfg, device).with_temperature(ecfg.text_temperature)
         )
 
-    identities = wiring.eval_identities(cfg, captioners.prompts, device)  # after loading: tiny models exist
-    models = EvalModels(
-        captioners=captioners.with_temperature(ecfg.text_temperature),
-        illustrator=generator,
-        memory_illustrator=memory_generator,
-        tell_story=tell_story,
-        caption_baseline=caption_baseline,
-        text_baseline=text_baseline,
+    def told_stories() -> EvalModels:
+        pipe = StoryPipeline(
+            cfg, wiring.load_captioners(cfg, device), wiring.load_frame_generator(cfg, device)
+        )
+
+        def tell_story(
+            folder: Path, seed_image: Image.Image, caption: str, frames: int, seed: int
+        ) -> StoryFrames:
+            story = pipe.tell(seed_image, caption, frames=frames, seed=seed)
+            story.save(folder)  # a story folder a person can open
+            return StoryFrames(
+                captions=[f.story_caption for f in story.frames],
+                descriptions=[f.description or "" for f in story.frames],
+                images=[f.image for f in story.frames],
+            )
+
+        return EvalModels(tell_story=tell_story)
+
+    models = PhasedModels(
+        systems=wiring.eval_systems(cfg),
+        loaders={
+            "captioners": captioners,
+            "told_stories": told_stories,
+            "generator": lambda: EvalModels(illustrator=wiring.load_frame_generator(cfg, device)),
+            "memory_generator": lambda: EvalModels(
+                memory_illustrator=wiring.load_memory_frame_generator(cfg, device)
+            ),
+            "caption_baseline": lambda: EvalModels(
+                caption_baseline=wiring.load_caption_baseline(cfg, device)
+            ),
+            "text_baseline": lambda: EvalModels(text_baseline=wiring.load_text_baseline(cfg, device)),
+        },
+        load_measures=lambda: wiring.load_measures(cfg, device),
     )
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, out)
     with progress or ProgressReporter(enabled=False) as reporter:
-        done = reporter.task("eval stories", total=None) if state.is_main_process else None
+        done = reporter.task("eval steps (phase, story)", total=None) if state.is_main_process else None
         return run(
-            stories, data_dir, out, ecfg, models, measures,
+            stories, data_dir, out, ecfg, models,
             process_index=state.process_index,
             num_processes=state.num_processes,
             wait_for_everyone=state.wait_for_everyone,

@@ -17,6 +17,7 @@ from storypipe.config import StorypipeConfig
 
 if TYPE_CHECKING:
     from eval.baselines import ImageToTextBaseline, TextOnlyBaseline
+    from eval.phases import EvalPhase
     from eval.scoring import Measures
     from llava_ft.captioners import Captioners
     from pipeline.config import OffloadMode
@@ -90,6 +91,43 @@ def load_memory_frame_generator(cfg: StorypipeConfig, device: str | None = None)
     return FrameGenerator.from_config(
         memory, device=device or resolve_device(cfg), offload=cfg.runtime.offload
     )
+
+
+def build_missing_tiny_bases(cfg: StorypipeConfig) -> None:
+    """The tiny preset's captioner and generator bases (and the memory generator's), built into storypipe's
+    cache where they do not exist yet, as their first load would build them: so their folders, and the
+    eval cache keys made from them, exist before anything loads. Any other folder is left alone."""
+    from llava_ft.model import resolve_base_model as resolve_captioner_base
+    from storygen_ft.model import resolve_base_model as resolve_generator_base
+
+    resolve_captioner_base(cfg.captioner)
+    resolve_generator_base(cfg.generator)
+    memory = memory_generator_config(cfg)
+    if memory is not None:
+        resolve_generator_base(memory)
+
+
+def eval_systems(cfg: StorypipeConfig) -> frozenset[str]:
+    """The systems under test `storypipe eval` runs with ``cfg`` (:class:`eval.runner.EvalModels` fields):
+    ours always, the memory generator and each baseline where the eval section names its model."""
+    ecfg = cfg.eval
+    optional = {
+        "memory_illustrator": ecfg.memory_generator_model,
+        "caption_baseline": ecfg.caption_baseline_model,
+        "text_baseline": ecfg.text_baseline_model,
+    }
+    return frozenset(
+        {"captioners", "illustrator", "tell_story"} | {name for name, model in optional.items() if model}
+    )
+
+
+def eval_phases(cfg: StorypipeConfig) -> tuple[EvalPhase, ...]:
+    """The phases `storypipe eval` goes through with ``cfg``, in order, each with the model groups it holds
+    at once (:mod:`eval.phases`): eval's peak memory is its largest phase's. A rerun skips the phases its
+    cache holds every row of."""
+    from eval.phases import eval_phases as phases
+
+    return phases(eval_systems(cfg), cfg.eval.rows)
 
 
 # Config fields that never change what a loaded system outputs in `storypipe eval`: training, building a
@@ -169,19 +207,24 @@ def load_measures(cfg: StorypipeConfig, device: str) -> Measures:
     )
 
 
-def load_baselines(
-    cfg: StorypipeConfig, device: str
-) -> tuple[ImageToTextBaseline | None, TextOnlyBaseline | None]:
-    """The papers' two text baselines (image-to-text, text-only LM); None where the eval section skips one."""
-    from eval.baselines import ImageToTextBaseline, TextOnlyBaseline
+def load_caption_baseline(cfg: StorypipeConfig, device: str) -> ImageToTextBaseline | None:
+    """The papers' image-to-text baseline (their BLIP row); None where the eval section skips it."""
+    from eval.baselines import ImageToTextBaseline
 
     ecfg = cfg.eval
-    _require_eval_models(ecfg, ("caption_baseline_model", "text_baseline_model"))
-    caption = (
+    _require_eval_models(ecfg, ("caption_baseline_model",))
+    return (
         ImageToTextBaseline.load(ecfg.caption_baseline_model, device) if ecfg.caption_baseline_model else None
     )
-    text = TextOnlyBaseline.load(ecfg.text_baseline_model, device) if ecfg.text_baseline_model else None
-    return caption, text
+
+
+def load_text_baseline(cfg: StorypipeConfig, device: str) -> TextOnlyBaseline | None:
+    """The papers' text-only LM baseline (their MPT row); None where the eval section skips it."""
+    from eval.baselines import TextOnlyBaseline
+
+    ecfg = cfg.eval
+    _require_eval_models(ecfg, ("text_baseline_model",))
+    return TextOnlyBaseline.load(ecfg.text_baseline_model, device) if ecfg.text_baseline_model else None
 
 
 def _require_eval_models(ecfg, keys: tuple[str, ...]) -> None:
