@@ -196,11 +196,15 @@ class FrameGenerator:
             # 4. Fast mode: reference features once, at a fixed small timestep.
             fixed = None
             if references is not None and once:
-                fixed = self._branch_features(
+                fixed = self._attend_state(
+                    self._branch_features(
+                        references,
+                        cfg.fast_reference_timestep * cfg.reference_timestep_divisor,
+                        generator,
+                        share_reference_passes,
+                    ),
                     references,
-                    cfg.fast_reference_timestep * cfg.reference_timestep_divisor,
-                    generator,
-                    share_reference_passes,
+                    pooled,
                 )
 
             # 5. Denoise.
@@ -210,14 +214,18 @@ class FrameGenerator:
                     eps_uncond, eps_text = self._unet(scaled.repeat(2, 1, 1, 1), t, text, None).chunk(2)
                     eps = eps_uncond + s_txt * (eps_text - eps_uncond)
                 else:
-                    features = fixed or self._branch_features(
-                        references, int(t), generator, share_reference_passes
+                    # Only the concatenated features stay alive through the UNet pass, and they are freed
+                    # before the next step's reference passes (storypipe plan traces this same peak).
+                    state = fixed or self._attend_state(
+                        self._branch_features(references, int(t), generator, share_reference_passes),
+                        references,
+                        pooled,
                     )
-                    state = self._attend_state(features, references, pooled)
                     branch_text = text[[0, 0, 1]]  # uncond, image, all
                     eps_uncond, eps_image, eps_all = self._unet(
                         scaled.repeat(3, 1, 1, 1), t, branch_text, state
                     ).chunk(3)
+                    del state
                     eps = eps_uncond + s_img * (eps_image - eps_uncond) + s_txt * (eps_all - eps_image)
                 latents = model.scheduler.step(eps, t, latents).prev_sample
                 if on_step is not None:

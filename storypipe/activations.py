@@ -62,10 +62,13 @@ def fake_tensors() -> Iterator[None]:
 
 def materialise(meta_module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A meta-device module, in place, as fake tensors of ``dtype`` (call inside :func:`fake_tensors`)."""
+    from torch import nn
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # the dtype cast is a meta-to-meta swap; fake mode would refuse it
-        meta_module.to(dtype)
+        # torch's own cast: diffusers' ModelMixin.to would warn about fp32-kept modules a plain cast skips,
+        # which matters for loading weights, not for tracing shapes.
+        nn.Module.to(meta_module, dtype)
     return meta_module.to_empty(device=TRACED_DEVICE)
 
 
@@ -144,26 +147,35 @@ def image_tokens(llava: nn.Module) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
-def llava_generate_activations(llava_meta: nn.Module, cfg: CaptionerConfig, dtype: torch.dtype) -> int:
-    """One caption: the vision tower on one image, then a prefill over every token the KV cache will
-    hold at the end (image, prompt and ``max_new_tokens``), keeping the cache. With nf4 weights each
-    Linear is dequantised to ``dtype`` in turn: the largest such weight is added."""
+def llava_generate_activations(
+    llava_meta: nn.Module, cfg: CaptionerConfig, dtype: torch.dtype, prompt_tokens: int = PROMPT_TEXT_TOKENS
+) -> int:
+    """One caption, as ``generate`` runs it: the vision tower on one image, a prefill over the image and
+    ``prompt_tokens`` text tokens that keeps its KV cache, then the new tokens growing the cache. With nf4 weights each Linear is dequantised to ``dtype`` in turn: the largest such
+    weight is added."""
     from torch import nn
 
-    tokens = image_tokens(llava_meta) + PROMPT_TEXT_TOKENS + cfg.max_new_tokens
     vision = llava_meta.config.vision_config
     hidden = llava_meta.config.text_config.hidden_size
     largest_linear = max(m.weight.numel() for m in llava_meta.modules() if isinstance(m, nn.Linear))
     with fake_tensors(), torch.no_grad():
         model = materialise(llava_meta, dtype).eval()
+        language_model = model.model.language_model
 
         def run() -> None:
             pixels = torch.randn(1, 3, vision.image_size, vision.image_size, dtype=dtype)  # (1, 3, S, S)
-            embeddings = torch.randn(1, tokens, hidden, dtype=dtype)  # (1, T, H)
             model.model.vision_tower(pixels, output_hidden_states=True)
-            output = model.model.language_model(inputs_embeds=embeddings, use_cache=True)
-            model.lm_head(output.last_hidden_state[:, -1:])  # generate's logits: the last position only
-            del output  # the KV cache lives until the caption is done; it is part of the peak above
+            prompt = torch.randn(1, image_tokens(model) + prompt_tokens, hidden, dtype=dtype)  # (1, T, H)
+            output = language_model(inputs_embeds=prompt, use_cache=True)
+            # The new tokens: all but the last in one chunk (its temporaries are a prompt's fraction), then
+            # the last step over the fullest cache. Shape for shape this is generate's peak, 3 calls not 48.
+            for new in (cfg.max_new_tokens - 2, 1):
+                model.lm_head(output.last_hidden_state[:, -1:])  # generate's logits: the last position only
+                if new > 0:
+                    chunk = torch.randn(1, new, hidden, dtype=dtype)  # (1, new, H)
+                    output = language_model(
+                        inputs_embeds=chunk, past_key_values=output.past_key_values, use_cache=True
+                    )
 
         peak = traced_peak(run, model)
     dequantised = largest_linear * dtype.itemsize if cfg.load_in_4bit else 0

@@ -266,13 +266,13 @@ def check(run: Run, purpose: str) -> list[str]:
     option("--gpu-memory", "gpu_memory", default="24GiB", help="The GPU's memory, e.g. 24GiB, 80GB."),
 )  # fmt: skip
 def plan_memory(run: Run, purpose: str, gpu_memory: str) -> list[str]:
-    """Count the weights a command loads (built on the meta device from configs alone) against a GPU's
-    memory: per component its parameters, dtype and GiB, and whether they fit. Activations are not
-    counted yet. Downloads nothing."""
+    """Predict a command's peak GPU memory from configs alone (models built on the meta device, activations
+    traced on fake tensors): per phase and component its parameters, dtype and GiB; whether the peak fits;
+    and, when it does not, settings that lower it. Downloads nothing."""
     from storypipe.plan import plan
 
     memory_plan = plan(run.config(), purpose, gpu_memory)
-    return [f"Weights for {purpose} on a {gpu_memory} GPU:", *memory_plan.lines()]
+    return [f"Peak GPU memory for {purpose} on a {gpu_memory} GPU:", *memory_plan.lines()]
 
 
 @options(

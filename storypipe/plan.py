@@ -1,14 +1,22 @@
-"""``storypipe plan``: the GPU memory a command's model weights need, from configs alone.
+"""``storypipe plan``: the peak GPU memory a command needs, from configs alone.
 
 Every model a purpose loads is built on the meta device (no weights are read or downloaded) from the
 config folder the preset names: for the ``vist`` preset's hub ids, the real-size configs shipped in
 ``storypipe/model_configs`` (:data:`SHIPPED_CONFIGS`); for any other base, the local folder's own config
 files (the tiny preset's folders are built on first use, as every stage does). Per component it counts
-parameters and their bytes at the dtype and quantisation actually used. Activations are not counted yet.
+parameters and their bytes at the dtype and quantisation actually used, and adds the activation peak
+traced by :mod:`storypipe.activations` at the configured resolution, references, guidance branches and
+batch sizes.
+
+A command runs in phases (``generate``: a caption, then a frame; ``eval``: :func:`storypipe.wiring.eval_phases`);
+each phase lists what is resident then, and the plan's peak is its largest phase. ``runtime.offload``
+changes what is resident: ``model`` keeps one model on the GPU at a time (plus the context layers, which
+the UNet calls, and a 4-bit LLaVA, which hooks cannot move), ``sequential`` one layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +64,22 @@ ADAMW_8BIT_STATE_BYTES = 2  # bitsandbytes AdamW8bit: both states in 8 bits (blo
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # storygen_ft.train's LoRA on the UNet
 MIXED_PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "no": "float32"}
 LARGEST_NAMED = 3  # how many of the largest items a "does not fit" verdict names
-NOT_COUNTED = "activations are not counted yet"
+ACTIVATIONS = "activations"  # the dtype column of a traced activation peak
+# Eval's metric and baseline models: no configs ship for them, so a hub id counts at its model card's
+# size, rounded (parameters, stored dtype: transformers 5 loads a checkpoint in the dtype it was saved in).
+PUBLISHED_SIZES = {
+    "mosaicml/mpt-7b-instruct": (6_700_000_000, "bfloat16"),
+    "Salesforce/blip-image-captioning-base": (247_000_000, "float32"),
+    "sentence-transformers/all-roberta-large-v1": (355_000_000, "float32"),
+    "openai/clip-vit-base-patch32": (151_000_000, "float32"),
+    "hustvl/yolos-small": (31_000_000, "float32"),
+}
 
 
 @dataclass(frozen=True)
 class PlanItem:
-    """One line of the plan: a component's parameters and the bytes they take on the GPU."""
+    """One line of the plan: a component's parameters and the bytes they take on the GPU (an activation
+    peak has no parameters and dtype :data:`ACTIVATIONS`)."""
 
     component: str
     params: int
@@ -70,17 +88,41 @@ class PlanItem:
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """The weights a purpose loads, and whether they fit ``budget_bytes``."""
+class PlanPhase:
+    """What is on the GPU at once during one phase of a command."""
 
-    purpose: str
+    name: str
     items: tuple[PlanItem, ...]
-    budget_bytes: int
-    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return sum(item.bytes for item in self.items)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A purpose's phases, its peak (the largest phase), and whether that fits ``budget_bytes``."""
+
+    purpose: str
+    phases: tuple[PlanPhase, ...]
+    budget_bytes: int
+    notes: tuple[str, ...] = ()
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def peak(self) -> PlanPhase:
+        return max(self.phases, key=lambda phase: phase.total_bytes)
+
+    @property
+    def items(self) -> tuple[PlanItem, ...]:
+        return self.peak.items
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak.total_bytes
+
+    def activation_bytes(self) -> int:
+        return sum(item.bytes for item in self.items if item.dtype == ACTIVATIONS)
 
     @property
     def fits(self) -> bool:
@@ -91,24 +133,32 @@ class MemoryPlan:
 
     def verdict(self) -> str:
         budget, total = self.budget_bytes / GIB, self.total_bytes / GIB
+        where = f" (phase {self.peak.name})" if len(self.phases) > 1 else ""
         if self.fits:
-            return (
-                f"weights fit in {budget:.1f} GiB with {budget - total:.2f} GiB left for activations, "
-                f"which are not counted yet"
-            )
+            return f"fits in {budget:.1f} GiB: peak {total:.2f} GiB{where}, {budget - total:.2f} GiB to spare"
         largest = ", ".join(f"{item.component} ({item.bytes / GIB:.2f} GiB)" for item in self.largest())
-        return f"weights ({total:.2f} GiB) do not fit in {budget:.1f} GiB: largest items {largest}"
+        return f"does not fit in {budget:.1f} GiB: peak {total:.2f} GiB{where}; largest items {largest}"
 
     def lines(self) -> list[str]:
-        """The table (component, params, dtype, GiB), the total and the verdict."""
-        width = max([len("component"), *(len(item.component) for item in self.items)])
-        rows = [f"{'component':<{width}}  {'params':>15}  {'dtype':<22}  {'GiB':>7}"]
-        rows += [
-            f"{item.component:<{width}}  {item.params:>15,}  {item.dtype:<22}  {item.bytes / GIB:>7.3f}"
-            for item in self.items
-        ]
-        rows.append(f"{'total':<{width}}  {'':>15}  {'':<22}  {self.total_bytes / GIB:>7.3f}")
-        return [*rows, *(f"note: {note}" for note in self.notes), self.verdict()]
+        """Per phase: the table (component, params, dtype, GiB) and its total; then the notes, the verdict
+        and, when it does not fit, the suggestions."""
+        items = [item for phase in self.phases for item in phase.items]
+        width = max([len("component"), *(len(item.component) for item in items)])
+        rows = []
+        for phase in self.phases:
+            if len(self.phases) > 1:
+                rows.append(f"phase {phase.name}:")
+            rows.append(f"{'component':<{width}}  {'params':>15}  {'dtype':<22}  {'GiB':>7}")
+            rows += [
+                f"{item.component:<{width}}  {item.params:>15,}  {item.dtype:<22}  {item.bytes / GIB:>7.3f}"
+                for item in phase.items
+            ]
+            rows.append(f"{'total':<{width}}  {'':>15}  {'':<22}  {phase.total_bytes / GIB:>7.3f}")
+        rows += [f"note: {note}" for note in self.notes]
+        rows.append(self.verdict())
+        if not self.fits:
+            rows += [f"suggestion: {suggestion}" for suggestion in self.suggestions]
+        return rows
 
 
 def parse_memory(text: str) -> int:
@@ -279,6 +329,110 @@ def sd_items(
 
 
 # --------------------------------------------------------------------------------------------
+# Activations and eval's other models
+# --------------------------------------------------------------------------------------------
+
+
+def activation_item(component: str, nbytes: int) -> PlanItem:
+    return PlanItem(f"{component} activations", 0, ACTIVATIONS, nbytes)
+
+
+def llava_generate_item(cfg: StorypipeConfig, device_type: str) -> PlanItem:
+    import torch
+
+    from storypipe.activations import llava_generate_activations
+
+    dtype = LLAVA_CUDA_DTYPE if device_type == "cuda" else LLAVA_TRAIN_DTYPE
+    model = meta_llava(llava_config_folder(cfg))
+    captioner = cfg.captioner
+    quantised = captioner.load_in_4bit and device_type == "cuda"
+    if captioner.load_in_4bit != quantised:
+        captioner = dataclasses.replace(captioner, load_in_4bit=quantised)
+    nbytes = llava_generate_activations(model, captioner, getattr(torch, dtype))
+    return activation_item("LLaVA caption", nbytes)
+
+
+def sd_generate_item(generator: GeneratorConfig, dtype: str, label: str = "SD") -> PlanItem:
+    import torch
+
+    from storypipe.activations import sd_generate_activations
+
+    nbytes = sd_generate_activations(meta_sd(sd_config_folder(generator)), generator, getattr(torch, dtype))
+    return activation_item(
+        f"{label} frame ({generator.max_references} refs, {generator.resolution}px)", nbytes
+    )
+
+
+def other_model_item(component: str, spec: str | None) -> tuple[PlanItem | None, str | None]:
+    """An eval metric or baseline model: a hub id at :data:`PUBLISHED_SIZES`, a local transformers folder
+    from its config on the meta device (fp32); anything else is named in a note instead."""
+    if spec is None:
+        return None, None
+    if spec in PUBLISHED_SIZES:
+        params, dtype = PUBLISHED_SIZES[spec]
+        return PlanItem(component, params, dtype, params * DTYPE_BYTES[dtype]), None
+    folder = Path(spec)
+    if (folder / "config.json").is_file():
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel
+
+        with init_empty_weights():
+            model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        return dtype_item(component, model, "float32"), None
+    return None, f"{component} ({spec}) is not counted: no shipped size and no local config.json"
+
+
+def eval_group_items(
+    cfg: StorypipeConfig, group: str, device_type: str, sd_dtype: str
+) -> tuple[list[PlanItem], list[str]]:
+    """The weights and activation peak of one of eval's model groups (:mod:`eval.phases`), and notes."""
+    ecfg = cfg.eval
+    if group == "captioners":
+        return [*llava_items(cfg, 2, device_type)[0], llava_generate_item(cfg, device_type)], []
+    if group == "generator":
+        return [*sd_items(cfg.generator, sd_dtype)[0], sd_generate_item(cfg.generator, sd_dtype)], []
+    if group == "memory_generator":
+        memory = memory_generator_config(cfg)
+        return [
+            *sd_items(memory, sd_dtype, "memory SD")[0],
+            sd_generate_item(memory, sd_dtype, "memory SD"),
+        ], []
+    specs = {
+        "caption_baseline": [("caption baseline", ecfg.caption_baseline_model)],
+        "text_baseline": [("text baseline", ecfg.text_baseline_model)],
+        "measures": [("sentence model", ecfg.sentence_model), ("CLIP", ecfg.clip_model),
+                     ("detector", ecfg.detector_model), ("classifier", ecfg.classifier_model)],
+    }[group]  # fmt: skip
+    items, notes = [], []
+    for component, spec in specs:
+        item, note = other_model_item(component, spec)
+        items += [item] if item else []
+        notes += [note] if note else []
+    if items:
+        notes.append(f"{group}: activations are not traced (small next to the weights)")
+    return items, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Offload
+# --------------------------------------------------------------------------------------------
+
+
+def offloaded(items: list[PlanItem], activations: PlanItem, running: tuple[str, ...], mode: str,
+              resident: tuple[str, ...]) -> list[PlanItem]:  # fmt: skip
+    """What ``runtime.offload`` leaves on the GPU while the components named ``running`` (name prefixes)
+    run: everything (``none``); the ``resident`` ones plus the running ones (``model``); the resident ones
+    only (``sequential``, which streams one layer at a time)."""
+    if mode == "none":
+        return [*items, activations]
+    kept = [item for item in items if item.component.startswith(resident)]
+    moving = [item for item in items if item.component.startswith(running) and item not in kept]
+    if mode == "sequential":
+        moving = []  # one layer at a time: see the note plan() adds
+    return [*kept, *moving, activations]
+
+
+# --------------------------------------------------------------------------------------------
 # Purposes
 # --------------------------------------------------------------------------------------------
 
@@ -286,32 +440,69 @@ def sd_items(
 def plan(
     cfg: StorypipeConfig, purpose: str, gpu_memory: str = "24GiB", device_type: str = "cuda"
 ) -> MemoryPlan:
-    """The weights ``purpose`` (one of :data:`PURPOSES`) loads with ``cfg`` on a ``device_type`` GPU of
-    ``gpu_memory``. Activations are not counted yet."""
+    """The phases of ``purpose`` (one of :data:`PURPOSES`) with ``cfg`` on a ``device_type`` GPU of
+    ``gpu_memory``: per phase the weights and the activation peak resident at once."""
     if purpose not in PURPOSES:
         raise InputError(f"unknown plan purpose {purpose!r}; one of {', '.join(PURPOSES)}")
     budget = parse_memory(gpu_memory)
-    notes = [NOT_COUNTED]
-    items: list[PlanItem] = []
     captioner, generator = cfg.captioner, cfg.generator
     sd_dtype = generator.torch_dtype_name(device_type)
-    if purpose in ("generate", "eval"):
+    mode = cfg.runtime.offload
+    phases: list[PlanPhase] = []
+    notes: list[str] = []
+    if purpose == "generate":
         adapters = sum(path is not None for path in (captioner.story_adapter, captioner.description_adapter))
-        items += llava_items(cfg, adapters, device_type)[0]
-        items += sd_items(generator, sd_dtype)[0]
+        llava = llava_items(cfg, adapters, device_type)[0]
+        sd = sd_items(generator, sd_dtype)[0]
+        quantised = captioner.load_in_4bit and device_type == "cuda"
+        # A 4-bit LLaVA stays put (hooks cannot move bitsandbytes weights); the UNet calls the context layers.
+        resident = ("SD context layers", *(("LLaVA",) if quantised else ()))
+        weights = llava + sd
+        phases = [
+            PlanPhase("caption", tuple(offloaded(weights, llava_generate_item(cfg, device_type), ("LLaVA",),
+                                                 mode, resident))),
+            PlanPhase("frame", tuple(offloaded(weights, sd_generate_item(generator, sd_dtype), ("SD UNet",),
+                                               mode, resident))),
+        ]  # fmt: skip
+        if mode == "sequential":
+            notes.append("runtime.offload=sequential also holds one layer at a time (LLaVA's largest, "
+                         "embed_tokens or lm_head, is 0.24 GiB in bf16)")  # fmt: skip
     if purpose == "eval":
-        memory = memory_generator_config(cfg)
-        if memory is not None:
-            items += sd_items(memory, sd_dtype, label="memory SD")[0]
-        notes.append("eval's metric and baseline models are not counted yet")
+        from storypipe.wiring import eval_phases
+
+        for phase in eval_phases(cfg):
+            items: list[PlanItem] = []
+            for group in phase.models:
+                group_items, group_notes = eval_group_items(cfg, group, device_type, sd_dtype)
+                items += group_items
+                notes += [note for note in group_notes if note not in notes]
+            phases.append(PlanPhase(phase.name, tuple(items)))
     if purpose == "finetune-llava":
+        import torch
+
+        from storypipe.activations import llava_train_activations
+
         llava, adapter = llava_items(cfg, 1, device_type, training=True)
+        items = list(llava)
         trained = adapter + modules_to_save_params(cfg)
         if trained > adapter:
             items.append(PlanItem("LLaVA modules_to_save copies", trained - adapter, LORA_DTYPE,
                                   (trained - adapter) * 4))  # fmt: skip
-        items += llava + trainable_items("LLaVA LoRA", trained, use_8bit_adam=False)
+        items += trainable_items("LLaVA LoRA", trained, use_8bit_adam=False)
+        quantised = captioner.load_in_4bit and device_type == "cuda"
+        if quantised != captioner.load_in_4bit:
+            captioner = dataclasses.replace(captioner, load_in_4bit=quantised)
+        compute = torch.bfloat16 if quantised else None  # llava_ft.train: nf4 + bf16 compute, else fp32
+        nbytes = llava_train_activations(meta_llava(llava_config_folder(cfg)), captioner,
+                                         getattr(torch, LLAVA_TRAIN_DTYPE), compute)  # fmt: skip
+        items.append(activation_item(f"LLaVA training step (batch {captioner.train.batch_size})", nbytes))
+        phases = [PlanPhase("train", tuple(items))]
     if purpose == "finetune-storygen":
+        import torch
+        from diffusers import DDIMScheduler
+
+        from storypipe.activations import sd_train_activations
+
         train = generator.train
         frozen = MIXED_PRECISION_DTYPES[train.mixed_precision] if device_type == "cuda" else "float32"
         sd, unet, context = sd_items(generator, frozen)
@@ -321,5 +512,52 @@ def plan(
             unet_lora = lora_params(unet, list(UNET_LORA_TARGETS), train.unet_lora_rank)
             sd.append(PlanItem("UNet LoRA", unet_lora, "float32", unet_lora * 4))
             trained += unet_lora
-        items += sd + trainable_items("trained", trained, use_8bit_adam=train.use_8bit_adam)
-    return MemoryPlan(purpose, tuple(items), budget, tuple(notes))
+            notes.append("the UNet LoRA's activations are not traced (the context layers' are)")
+        items = sd + trainable_items("trained", trained, use_8bit_adam=train.use_8bit_adam)
+        folder = sd_config_folder(generator)
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        compute = getattr(torch, frozen) if frozen != "float32" else None
+        nbytes = sd_train_activations(meta_sd(folder), scheduler, generator, getattr(torch, frozen), compute)
+        items.append(activation_item(f"SD training step (batch {train.batch_size})", nbytes))
+        phases = [PlanPhase("train", tuple(items))]
+    memory_plan = MemoryPlan(purpose, tuple(phases), budget, tuple(notes))
+    return dataclasses.replace(memory_plan, suggestions=tuple(suggestions(cfg, memory_plan, device_type)))
+
+
+def suggestions(cfg: StorypipeConfig, memory_plan: MemoryPlan, device_type: str) -> list[str]:
+    """Settings the config can express that lower this purpose's peak, most effective first."""
+    purpose, generator, captioner = memory_plan.purpose, cfg.generator, cfg.captioner
+    out = []
+    if purpose in ("generate", "eval") and generator.torch_dtype_name(device_type) == "float32":
+        out.append("--set generator.dtype=float16 halves the SD weights and activations")
+    if purpose == "generate" and cfg.runtime.offload == "none":
+        out.append("--set runtime.offload=model loads the captioners and the generator in turn (one model on "
+                   "the GPU at a time; slower); runtime.offload=sequential streams one layer at a time")  # fmt: skip
+    if purpose in ("generate", "eval") and generator.max_references > 1:
+        out.append(f"fewer references (--set generator.max_references={generator.max_references - 1}) or a "
+                   f"lower generator.resolution shrink the frame's activations")  # fmt: skip
+    if purpose in ("generate", "eval") and generator.reference_features != "once":
+        out.append("--set generator.reference_features=once (the fast reference mode) runs the reference "
+                   "passes once per frame instead of every step: faster, the same peak")  # fmt: skip
+    if purpose in ("generate", "eval", "finetune-llava") and not captioner.load_in_4bit:
+        out.append("--set captioner.load_in_4bit=true stores the language model in nf4 (about a quarter)")
+    if purpose == "eval":
+        out.append("eval already loads its models phase by phase; leave out the largest phase's optional "
+                   "model (eval.text_baseline_model=null, eval.caption_baseline_model=null) or its rows (eval.rows)")  # fmt: skip
+    if purpose == "finetune-llava" and captioner.train.batch_size > 1:
+        out.append(f"--set captioner.train.batch_size={captioner.train.batch_size // 2} with twice the "
+                   "captioner.train.gradient_accumulation_steps: the same global batch, smaller activations")  # fmt: skip
+    if purpose == "finetune-llava" and not captioner.gradient_checkpointing:
+        out.append("--set captioner.gradient_checkpointing=true recomputes activations in backward")
+    if purpose == "finetune-storygen":
+        train = generator.train
+        if train.batch_size > 1:
+            out.append(f"--set generator.train.batch_size={train.batch_size // 2} with twice the "
+                       "generator.train.gradient_accumulation_steps")  # fmt: skip
+        if not train.gradient_checkpointing:
+            out.append("--set generator.train.gradient_checkpointing=true")
+        if train.mixed_precision == "no":
+            out.append("--set generator.train.mixed_precision=fp16 halves the frozen SD weights")
+        if not train.use_8bit_adam:
+            out.append("--set generator.train.use_8bit_adam=true shrinks the optimizer states fourfold")
+    return out

@@ -105,4 +105,5 @@ def test_a_wheel_install_plans_the_vist_preset_from_its_shipped_configs(installe
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = run([str(installed / "bin" / "storypipe"), "plan", "--preset", "vist", "--for", "generate"],
                  tmp_path, env)  # fmt: skip
-    assert "LLaVA language model" in result.stdout and "weights fit in 24.0 GiB" in result.stdout
+    assert "LLaVA language model" in result.stdout and "fits in 24.0 GiB: peak" in result.stdout
+    assert "SD frame (3 refs, 512px) activations" in result.stdout

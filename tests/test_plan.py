@@ -104,9 +104,11 @@ def test_a_budget_too_small_names_the_largest_items(tiny_llava, tiny_sd):
     memory_plan = plan.plan(tiny_config(tiny_llava, tiny_sd), "generate", gpu_memory="1MiB")
     assert not memory_plan.fits
     largest = max(memory_plan.items, key=lambda item: item.bytes)
-    assert "do not fit in" in memory_plan.verdict() and largest.component in memory_plan.verdict()
+    assert "does not fit in" in memory_plan.verdict() and largest.component in memory_plan.verdict()
+    assert any("runtime.offload=model" in line for line in memory_plan.lines())  # a suggestion
     roomy = dataclasses.replace(memory_plan, budget_bytes=memory_plan.total_bytes)
-    assert roomy.fits and "not counted yet" in roomy.verdict()
+    assert roomy.fits and "fits in" in roomy.verdict()
+    assert not any(line.startswith("suggestion:") for line in roomy.lines())
 
 
 def test_gpu_memory_sizes():
@@ -123,8 +125,9 @@ def test_cli_plan_for_the_vist_preset_fits_24gib():
     assert result.exit_code == 0, result.output
     assert "LLaVA language model" in result.output and "nf4 (double quant)" in result.output
     assert f"{SD15_UNET:,}" in result.output
-    assert "weights fit in 24.0 GiB with" in result.output
-    assert "activations, which are not counted yet" in result.output
+    assert "fits in 24.0 GiB: peak" in result.output and "(phase frame)" in result.output
+    assert "SD frame (3 refs, 512px) activations" in result.output
+    assert "LLaVA caption activations" in result.output
 
 
 def test_cli_plan_with_too_small_a_budget_says_do_not_fit():
@@ -132,4 +135,54 @@ def test_cli_plan_with_too_small_a_budget_says_do_not_fit():
         app, ["plan", "--preset", "vist", "--for", "finetune-storygen", "--gpu-memory", "2GiB"]
     )
     assert result.exit_code == 0, result.output
-    assert "do not fit in 2.0 GiB: largest items SD UNet (1.60 GiB)" in result.output
+    assert "does not fit in 2.0 GiB: peak" in result.output
+    assert "largest items SD training step (batch 4) activations" in result.output
+    assert "suggestion: --set generator.train.batch_size=2" in result.output
+
+
+def test_the_vist_preset_meets_its_memory_goals():
+    """The issue's goals for a 24 GB GPU (weights + traced activations, CUDA dtypes)."""
+    cfg = resolve_config(None, "vist", (), {})
+    goals = {"generate": 12, "finetune-llava": 20, "finetune-storygen": 22, "eval": 22}
+    for purpose, goal in goals.items():
+        memory_plan = plan.plan(cfg, purpose)
+        traced = [
+            item for phase in memory_plan.phases for item in phase.items if item.dtype == plan.ACTIVATIONS
+        ]
+        assert sum(item.bytes for item in traced) > 0.3 * plan.GIB, purpose  # activations are counted
+        assert memory_plan.total_bytes <= goal * plan.GIB, (purpose, memory_plan.lines())
+
+
+def test_eval_peaks_at_its_largest_phase(tiny_llava, tiny_sd):
+    """Phase by phase (storypipe.wiring.eval_phases): no phase holds two phases' models."""
+    from storypipe.wiring import eval_phases
+
+    cfg = resolve_config(None, "vist", (), {})
+    memory_plan = plan.plan(cfg, "eval")
+    assert [phase.name for phase in memory_plan.phases] == [phase.name for phase in eval_phases(cfg)]
+    assert memory_plan.total_bytes == max(phase.total_bytes for phase in memory_plan.phases)
+    phases = {phase.name: {item.component for item in phase.items} for phase in memory_plan.phases}
+    assert "text baseline" in phases["text_baseline"] and "SD UNet" not in phases["text_baseline"]
+    assert "LLaVA language model" not in phases["generator"]
+    assert {"SD UNet", "LLaVA language model"} <= phases["told_stories"]
+    everything = sum(item.bytes for phase in memory_plan.phases for item in phase.items)
+    assert memory_plan.total_bytes < everything / 2
+
+
+def test_model_offload_keeps_one_model_on_the_gpu(tiny_llava, tiny_sd):
+    unquantised = ("captioner.load_in_4bit=false",)
+    plain = plan.plan(tiny_config(tiny_llava, tiny_sd, *unquantised), "generate")
+    model = plan.plan(tiny_config(tiny_llava, tiny_sd, *unquantised, "runtime.offload=model"), "generate")
+    sequential = plan.plan(
+        tiny_config(tiny_llava, tiny_sd, *unquantised, "runtime.offload=sequential"), "generate"
+    )
+    caption, frame = ({item.component for item in phase.items} for phase in model.phases)
+    assert "LLaVA language model" in caption and "SD UNet" not in caption
+    assert "SD UNet" in frame and "LLaVA language model" not in frame
+    assert "SD context layers (storygen)" in frame and "SD context layers (storygen)" in caption
+    assert sequential.total_bytes < model.total_bytes < plain.total_bytes
+    # A 4-bit LLaVA cannot be moved by the hooks: it stays in every phase.
+    quantised = plan.plan(
+        tiny_config(tiny_llava, tiny_sd, "captioner.load_in_4bit=true", "runtime.offload=model"), "generate"
+    )
+    assert all("LLaVA language model" in {i.component for i in phase.items} for phase in quantised.phases)
