@@ -18,6 +18,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerFast,
 )
 from transformers.models.clip import CLIPImageProcessorPil
 
@@ -111,6 +112,45 @@ def load_llava(
 # --------------------------------------------------------------------------------------------
 
 
+def build_llava_tokenizer(
+    vocab_size: int, corpus: Iterable[str] | None = None, image_token_id: int | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with LLaVA's special tokens, trained offline on ``corpus`` (default: the tiny
+    corpus and the chat template). With ``image_token_id`` the image token gets that id (filler tokens
+    pad the vocabulary up to it), as in a real checkpoint's tokenizer (llava-hf: 32000)."""
+    tokenizer = build_byte_bpe_tokenizer(
+        vocab_size,
+        corpus if corpus is not None else tiny_corpus(extra=[LLAVA_15_CHAT_TEMPLATE, "USER: ASSISTANT:"]),
+        special_tokens=SPECIAL_TOKENS,
+        template=f"{SPECIAL_TOKENS['bos_token']} $A",
+        extra_special_tokens=None if image_token_id is not None else {"image_token": IMAGE_TOKEN},
+    )
+    if image_token_id is not None:
+        tokenizer.add_tokens([f"<filler_{i}>" for i in range(len(tokenizer), image_token_id)])
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tokenizer.image_token = IMAGE_TOKEN
+        if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
+            raise ValueError(
+                f"the image token got id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, not {image_token_id}"
+            )
+    return tokenizer
+
+
+def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
+    """LLaVA-1.5's processor around ``tokenizer``: CLIP preprocessing at ``image_size`` and the chat template."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",  # drops CLIP's class token...
+        num_additional_image_tokens=1,  # ...which the processor must know to count image tokens right
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+
+
 def build_tiny_llava(
     folder: str | Path, settings: TinyLlavaSettings, corpus: Iterable[str] | None = None
 ) -> Path:
@@ -120,26 +160,9 @@ def build_tiny_llava(
     leaves a half-built model behind. It loads with ``load_llava(folder)`` like any real checkpoint.
     """
     folder = Path(folder)
-    tokenizer = build_byte_bpe_tokenizer(
-        settings.vocab_size,
-        corpus if corpus is not None else tiny_corpus(extra=[LLAVA_15_CHAT_TEMPLATE, "USER: ASSISTANT:"]),
-        special_tokens=SPECIAL_TOKENS,
-        template=f"{SPECIAL_TOKENS['bos_token']} $A",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
+    tokenizer = build_llava_tokenizer(settings.vocab_size, corpus)
     num_patches = (settings.image_size // settings.patch_size) ** 2
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": settings.image_size},
-        crop_size={"height": settings.image_size, "width": settings.image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=settings.patch_size,
-        vision_feature_select_strategy="default",  # drops CLIP's class token...
-        num_additional_image_tokens=1,  # ...which the processor must know to count image tokens right
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
+    processor = llava_processor(tokenizer, settings.image_size, settings.patch_size)
     vision = CLIPVisionConfig(
         hidden_size=settings.vision_hidden_size,
         intermediate_size=4 * settings.vision_hidden_size,

@@ -276,6 +276,32 @@ def plan_memory(run: Run, purpose: str, gpu_memory: str) -> list[str]:
 
 
 @options(
+    option("--language-layers", "language_layers", type=click.IntRange(min=1), default=None, show_default=False,
+           help="Decoder layers of the language model to build. [default: 2 on a CPU, all 32 on a GPU]"),
+    option("--resolution", type=int, default=512, help="Frame side in pixels."),
+    option("--steps", type=click.IntRange(min=1), default=2, help="Denoising steps for the one frame."),
+    option("--work-dir", "work_dir", type=FOLDER, default=None, show_default=False,
+           help="Keep the built models here (a second run reuses them). [default: a temporary folder]"),
+)  # fmt: skip
+def dry_run(
+    run: Run, language_layers: int | None, resolution: int, steps: int, work_dir: Path | None
+) -> list[str]:
+    """Build random-weight models with the real configurations (LLaVA-1.5-7B, SD 1.5; nothing is downloaded)
+    and run the preset's generate path once: both adapters, a caption, a description, one frame with three
+    references. Reports parameters, memory and time per component against `storypipe plan`."""
+    import torch
+
+    from storypipe.dry_run import CPU_LANGUAGE_LAYERS, DryRunSettings
+    from storypipe.dry_run import dry_run as run_dry_run
+
+    if language_layers is None and not torch.cuda.is_available():
+        language_layers = CPU_LANGUAGE_LAYERS
+    settings = DryRunSettings(language_layers=language_layers, resolution=resolution, steps=steps)
+    report = run_dry_run(settings, run.preset, run.config_file, run.overrides, work_dir)
+    return report.lines()
+
+
+@options(
     option("--out", type=FOLDER, required=True, help="Folder to write the VIST-layout dataset into."),
     ConfigOption("--stories", "toy.stories", type=int, help="Number of stories."),
     ConfigOption("--seed", "toy.seed", type=int, help="Random seed; the same seed gives the same bytes."),
@@ -676,6 +702,7 @@ COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
     "show-config": show_config,
     "check": check,
     "plan": plan_memory,
+    "dry-run": dry_run,
     "toy-data": toy_data,
     "prepare-llava": prepare_llava,
     "convert-storysv": convert_storysv,

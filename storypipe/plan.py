@@ -239,6 +239,12 @@ def nf4_bytes(module: nn.Module, rest_dtype: str) -> tuple[int, int]:
     return count(module), round(quantised * NF4_BITS_PER_PARAM / 8) + rest * DTYPE_BYTES[rest_dtype]
 
 
+def llava_quantised(cfg: StorypipeConfig, device_type: str, training: bool = False) -> bool:
+    """Whether the LLaVA base loads in nf4: the captioners quantise on any device (bitsandbytes has CPU
+    kernels); llava_ft.train only on CUDA (QLoRA training needs it)."""
+    return cfg.captioner.load_in_4bit and (device_type == "cuda" or not training)
+
+
 def llava_items(
     cfg: StorypipeConfig, adapters: int, device_type: str, training: bool = False
 ) -> tuple[list[PlanItem], int]:
@@ -247,7 +253,7 @@ def llava_items(
 
     model = meta_llava(llava_config_folder(cfg))
     dtype = LLAVA_CUDA_DTYPE if device_type == "cuda" and not training else LLAVA_TRAIN_DTYPE
-    quantised = cfg.captioner.load_in_4bit and device_type == "cuda"
+    quantised = llava_quantised(cfg, device_type, training)
     parts = {
         "LLaVA vision tower": ("model.vision_tower", model.model.vision_tower),
         "LLaVA projector": ("model.multi_modal_projector", model.model.multi_modal_projector),
@@ -345,9 +351,6 @@ def llava_generate_item(cfg: StorypipeConfig, device_type: str) -> PlanItem:
     dtype = LLAVA_CUDA_DTYPE if device_type == "cuda" else LLAVA_TRAIN_DTYPE
     model = meta_llava(llava_config_folder(cfg))
     captioner = cfg.captioner
-    quantised = captioner.load_in_4bit and device_type == "cuda"
-    if captioner.load_in_4bit != quantised:
-        captioner = dataclasses.replace(captioner, load_in_4bit=quantised)
     nbytes = llava_generate_activations(model, captioner, getattr(torch, dtype))
     return activation_item("LLaVA caption", nbytes)
 
@@ -454,7 +457,7 @@ def plan(
         adapters = sum(path is not None for path in (captioner.story_adapter, captioner.description_adapter))
         llava = llava_items(cfg, adapters, device_type)[0]
         sd = sd_items(generator, sd_dtype)[0]
-        quantised = captioner.load_in_4bit and device_type == "cuda"
+        quantised = llava_quantised(cfg, device_type)
         # A 4-bit LLaVA stays put (hooks cannot move bitsandbytes weights); the UNet calls the context layers.
         resident = ("SD context layers", *(("LLaVA",) if quantised else ()))
         weights = llava + sd
@@ -489,7 +492,7 @@ def plan(
             items.append(PlanItem("LLaVA modules_to_save copies", trained - adapter, LORA_DTYPE,
                                   (trained - adapter) * 4))  # fmt: skip
         items += trainable_items("LLaVA LoRA", trained, use_8bit_adam=False)
-        quantised = captioner.load_in_4bit and device_type == "cuda"
+        quantised = llava_quantised(cfg, device_type, training=True)
         if quantised != captioner.load_in_4bit:
             captioner = dataclasses.replace(captioner, load_in_4bit=quantised)
         compute = torch.bfloat16 if quantised else None  # llava_ft.train: nf4 + bf16 compute, else fp32

@@ -93,10 +93,14 @@ def test_nf4_weight_bytes_follow_the_double_quantisation_formula(tiny_llava, tin
     for skipped in ("LLaVA vision tower", "LLaVA projector", "LLaVA lm_head"):  # load_llava's skip list
         assert quantised[skipped] == plain[skipped]
         assert quantised[skipped].dtype == "bfloat16"
-    # On a CPU nothing is quantised and everything is fp32; the SD parts follow generator.dtype.
-    cpu = by_component(plan.plan(tiny_config(tiny_llava, tiny_sd, "captioner.load_in_4bit=true"), "generate",
-                                 device_type="cpu"))  # fmt: skip
-    assert cpu["LLaVA language model"].bytes == plan.count(language_model) * 4
+    # On a CPU the captioners still load nf4 (bitsandbytes' CPU kernels) with the rest in fp32, but QLoRA
+    # training is CUDA-only: it trains an fp32 base; the SD parts follow generator.dtype.
+    four_bit = tiny_config(tiny_llava, tiny_sd, "captioner.load_in_4bit=true")
+    cpu = by_component(plan.plan(four_bit, "generate", device_type="cpu"))
+    assert cpu["LLaVA language model"].bytes == round(linear * plan.NF4_BITS_PER_PARAM / 8) + rest * 4
+    assert cpu["LLaVA vision tower"].dtype == "float32"
+    cpu_training = by_component(plan.plan(four_bit, "finetune-llava", device_type="cpu"))
+    assert cpu_training["LLaVA language model"].bytes == plan.count(language_model) * 4
     assert quantised["SD UNet"].dtype == "float16" and cpu["SD UNet"].dtype == "float32"
 
 
