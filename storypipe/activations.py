@@ -148,9 +148,13 @@ def image_tokens(llava: nn.Module) -> int:
 
 
 def llava_generate_activations(
-    llava_meta: nn.Module, cfg: CaptionerConfig, dtype: torch.dtype, prompt_tokens: int = PROMPT_TEXT_TOKENS
+    llava_meta: nn.Module,
+    cfg: CaptionerConfig,
+    dtype: torch.dtype,
+    prompt_tokens: int = PROMPT_TEXT_TOKENS,
+    batch: int = 1,
 ) -> int:
-    """One caption, as ``generate`` runs it: the vision tower on one image, a prefill over the image and
+    """``batch`` captions at once, as ``generate`` runs them: the vision tower on one image, a prefill over the image and
     ``prompt_tokens`` text tokens that keeps its KV cache, then the new tokens growing the cache. With nf4 weights each Linear is dequantised to ``dtype`` in turn: the largest such
     weight is added."""
     from torch import nn
@@ -163,16 +167,16 @@ def llava_generate_activations(
         language_model = model.model.language_model
 
         def run() -> None:
-            pixels = torch.randn(1, 3, vision.image_size, vision.image_size, dtype=dtype)  # (1, 3, S, S)
+            pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, dtype=dtype)  # (B, 3, S, S)
             model.model.vision_tower(pixels, output_hidden_states=True)
-            prompt = torch.randn(1, image_tokens(model) + prompt_tokens, hidden, dtype=dtype)  # (1, T, H)
+            prompt = torch.randn(batch, image_tokens(model) + prompt_tokens, hidden, dtype=dtype)  # (B, T, H)
             output = language_model(inputs_embeds=prompt, use_cache=True)
             # The new tokens: all but the last in one chunk (its temporaries are a prompt's fraction), then
             # the last step over the fullest cache. Shape for shape this is generate's peak, 3 calls not 48.
             for new in (cfg.max_new_tokens - 2, 1):
                 model.lm_head(output.last_hidden_state[:, -1:])  # generate's logits: the last position only
                 if new > 0:
-                    chunk = torch.randn(1, new, hidden, dtype=dtype)  # (1, new, H)
+                    chunk = torch.randn(batch, new, hidden, dtype=dtype)  # (B, new, H)
                     output = language_model(
                         inputs_embeds=chunk, past_key_values=output.past_key_values, use_cache=True
                     )

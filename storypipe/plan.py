@@ -64,6 +64,7 @@ ADAMW_8BIT_STATE_BYTES = 2  # bitsandbytes AdamW8bit: both states in 8 bits (blo
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # storygen_ft.train's LoRA on the UNet
 MIXED_PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "no": "float32"}
 LARGEST_NAMED = 3  # how many of the largest items a "does not fit" verdict names
+EVAL_CAPTION_BATCH = 4  # eval.runner describes a 5-frame story's 4 next frames in one batch
 ACTIVATIONS = "activations"  # the dtype column of a traced activation peak
 # Eval's metric and baseline models: no configs ship for them, so a hub id counts at its model card's
 # size, rounded (parameters, stored dtype: transformers 5 loads a checkpoint in the dtype it was saved in).
@@ -343,7 +344,7 @@ def activation_item(component: str, nbytes: int) -> PlanItem:
     return PlanItem(f"{component} activations", 0, ACTIVATIONS, nbytes)
 
 
-def llava_generate_item(cfg: StorypipeConfig, device_type: str) -> PlanItem:
+def llava_generate_item(cfg: StorypipeConfig, device_type: str, batch: int = 1) -> PlanItem:
     import torch
 
     from storypipe.activations import llava_generate_activations
@@ -351,8 +352,8 @@ def llava_generate_item(cfg: StorypipeConfig, device_type: str) -> PlanItem:
     dtype = LLAVA_CUDA_DTYPE if device_type == "cuda" else LLAVA_TRAIN_DTYPE
     model = meta_llava(llava_config_folder(cfg))
     captioner = cfg.captioner
-    nbytes = llava_generate_activations(model, captioner, getattr(torch, dtype))
-    return activation_item("LLaVA caption", nbytes)
+    nbytes = llava_generate_activations(model, captioner, getattr(torch, dtype), batch=batch)
+    return activation_item("LLaVA caption" if batch == 1 else f"LLaVA captions (batch {batch})", nbytes)
 
 
 def sd_generate_item(generator: GeneratorConfig, dtype: str, label: str = "SD") -> PlanItem:
@@ -391,7 +392,8 @@ def eval_group_items(
     """The weights and activation peak of one of eval's model groups (:mod:`eval.phases`), and notes."""
     ecfg = cfg.eval
     if group == "captioners":
-        return [*llava_items(cfg, 2, device_type)[0], llava_generate_item(cfg, device_type)], []
+        items = llava_items(cfg, 2, device_type)[0]
+        return [*items, llava_generate_item(cfg, device_type, batch=EVAL_CAPTION_BATCH)], []
     if group == "generator":
         return [*sd_items(cfg.generator, sd_dtype)[0], sd_generate_item(cfg.generator, sd_dtype)], []
     if group == "memory_generator":
@@ -528,25 +530,32 @@ def plan(
 
 
 def suggestions(cfg: StorypipeConfig, memory_plan: MemoryPlan, device_type: str) -> list[str]:
-    """Settings the config can express that lower this purpose's peak, most effective first."""
+    """Settings the config can express that lower this purpose's peak: only those that touch what the peak
+    phase holds."""
     purpose, generator, captioner = memory_plan.purpose, cfg.generator, cfg.captioner
+    peak = {item.component for item in memory_plan.items}
+    has_sd, has_llava = "SD UNet" in peak, "LLaVA language model" in peak
     out = []
-    if purpose in ("generate", "eval") and generator.torch_dtype_name(device_type) == "float32":
+    if purpose in ("generate", "eval") and has_sd and generator.torch_dtype_name(device_type) == "float32":
         out.append("--set generator.dtype=float16 halves the SD weights and activations")
     if purpose == "generate" and cfg.runtime.offload == "none":
         out.append("--set runtime.offload=model loads the captioners and the generator in turn (one model on "
                    "the GPU at a time; slower); runtime.offload=sequential streams one layer at a time")  # fmt: skip
-    if purpose in ("generate", "eval") and generator.max_references > 1:
+    if purpose in ("generate", "eval") and has_sd and generator.max_references > 1:
         out.append(f"fewer references (--set generator.max_references={generator.max_references - 1}) or a "
                    f"lower generator.resolution shrink the frame's activations")  # fmt: skip
-    if purpose in ("generate", "eval") and generator.reference_features != "once":
+    if purpose in ("generate", "eval") and has_sd and generator.reference_features != "once":
         out.append("--set generator.reference_features=once (the fast reference mode) runs the reference "
                    "passes once per frame instead of every step: faster, the same peak")  # fmt: skip
-    if purpose in ("generate", "eval", "finetune-llava") and not captioner.load_in_4bit:
+    if purpose in ("generate", "eval", "finetune-llava") and has_llava and not captioner.load_in_4bit:
         out.append("--set captioner.load_in_4bit=true stores the language model in nf4 (about a quarter)")
     if purpose == "eval":
-        out.append("eval already loads its models phase by phase; leave out the largest phase's optional "
-                   "model (eval.text_baseline_model=null, eval.caption_baseline_model=null) or its rows (eval.rows)")  # fmt: skip
+        optional = {"text baseline": "eval.text_baseline_model", "caption baseline": "eval.caption_baseline_model",
+                    "memory SD UNet": "eval.memory_generator_model"}  # fmt: skip
+        out += [f"--set {key}=null leaves out the largest phase's {component} (and its rows)"
+                for component, key in optional.items() if component in peak]  # fmt: skip
+        out.append(f"smaller eval batches: eval describes one story's {EVAL_CAPTION_BATCH} next frames per batch "
+                   "and draws one frame at a time, so what is left is leaving rows out (eval.rows)")  # fmt: skip
     if purpose == "finetune-llava" and captioner.train.batch_size > 1:
         out.append(f"--set captioner.train.batch_size={captioner.train.batch_size // 2} with twice the "
                    "captioner.train.gradient_accumulation_steps: the same global batch, smaller activations")  # fmt: skip
