@@ -187,17 +187,22 @@ def llava_generate_activations(
 
 
 def llava_train_activations(
-    llava_meta: nn.Module, cfg: CaptionerConfig, dtype: torch.dtype, compute: torch.dtype
+    llava_meta: nn.Module,
+    cfg: CaptionerConfig,
+    dtype: torch.dtype,
+    compute: torch.dtype | None,
+    text_tokens: int = TRAIN_TEXT_TOKENS,
 ) -> int:
     """One training step at ``captioner.train.batch_size``: the frozen vision tower, the language model
-    with a LoRA adapter (and gradient checkpointing when set) under autocast to ``compute``, fp32 logits
+    with a LoRA adapter (and gradient checkpointing when set) under autocast to ``compute`` (None: none),
+    over image tokens and ``text_tokens`` text tokens, fp32 logits
     over every position, the cross-entropy loss, and backward."""
     from torch import nn
 
     from llava_ft.train import add_lora
 
     batch = cfg.train.batch_size
-    tokens = image_tokens(llava_meta) + TRAIN_TEXT_TOKENS
+    tokens = image_tokens(llava_meta) + text_tokens
     vision = llava_meta.config.vision_config
     hidden = llava_meta.config.text_config.hidden_size
     vocab = llava_meta.config.text_config.vocab_size
@@ -213,7 +218,7 @@ def llava_train_activations(
             pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, dtype=dtype)
             embeddings = torch.randn(batch, tokens, hidden, dtype=dtype, requires_grad=True)  # (B, T, H)
             labels = torch.randint(0, vocab, (batch, tokens))  # (B, T)
-            with torch.autocast(TRACED_DEVICE, dtype=compute):
+            with torch.autocast(TRACED_DEVICE, dtype=compute, enabled=compute is not None):
                 with torch.no_grad():
                     base.model.vision_tower(pixels, output_hidden_states=True)
                 hidden_states = base.model.language_model(inputs_embeds=embeddings).last_hidden_state

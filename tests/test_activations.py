@@ -125,3 +125,29 @@ def test_the_traced_training_step_matches_a_real_storygen_step(tiny_llava, tiny_
     scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
     traced = activations.sd_train_activations(plan.meta_sd(tiny_sd), scheduler, cfg, torch.float32, None)
     assert traced == pytest.approx(measured, rel=TOLERANCE)
+
+
+def test_the_traced_training_step_matches_a_real_llava_step(tiny_llava, tiny_sd, llava_samples):
+    """``llava_ft.train``'s step on the CPU (fp32, unquantised): LoRA, gradient checkpointing, the model's
+    own loss over a batch of prepare-llava samples, backward."""
+    from llava_ft.data import read_conversations
+    from llava_ft.model import load_llava
+    from llava_ft.train import add_lora, batch_for
+
+    cfg = tiny_config(tiny_llava, tiny_sd).captioner
+    cfg = dataclasses.replace(cfg, load_in_4bit=False, train=dataclasses.replace(cfg.train, batch_size=2))
+    model, processor = load_llava(tiny_llava)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = add_lora(model, cfg.lora)
+    model.train()
+    samples = read_conversations(llava_samples / "story.json", llava_samples / "images")[
+        : cfg.train.batch_size
+    ]
+    batch = batch_for(processor, samples, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    measured = real_peak(lambda: model(**batch).loss.backward(), model)
+    llava = plan.meta_llava(tiny_llava)
+    text_tokens = batch["input_ids"].shape[1] - activations.image_tokens(llava)
+    traced = activations.llava_train_activations(llava, cfg, torch.float32, None, text_tokens)
+    assert traced == pytest.approx(measured, rel=TOLERANCE)
