@@ -191,11 +191,20 @@ class RuntimeConfig:
     # runs (one SD component or the LLaVA at a time on the GPU); "sequential" streams every layer's
     # weights in as it runs (least memory, slowest). A 4-bit captioner cannot move and stays resident.
     offload: OffloadMode = "none"
+    # Torch's intra-op CPU threads while storypipe works: "auto" keeps torch's default. Tiny and toy models
+    # run fastest on 1 (their matrices are too small to split, and extra threads stall on a busy machine),
+    # so those presets set it.
+    num_threads: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         validate(self, [
             (self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"),
+            (self.num_threads == "auto" or self.num_threads >= 1, "num_threads", "must be auto or >= 1"),
         ])  # fmt: skip
+
+    def cpu_thread_count(self) -> int | None:
+        """The thread count to set, or None for torch's own (see :func:`pipeline.training.cpu_threads`)."""
+        return None if self.num_threads == "auto" else self.num_threads
 
 
 def validate(section: Any, checks: list[tuple[bool, str, str]]) -> None:

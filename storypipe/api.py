@@ -19,6 +19,7 @@ calls of these methods.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -65,6 +66,19 @@ def no_story_message(folder: Path) -> str:
         f"{folder / STORY_JSON_NAME} does not exist, so {folder} holds no story: its first write never finished "
         f"(then tell the story again with `storypipe generate --out {folder}`), or it is not a story folder"
     )
+
+
+def in_runtime_threads(method: Callable) -> Callable:
+    """Run a pipeline method with ``runtime.num_threads`` torch CPU threads, restored afterwards."""
+
+    @functools.wraps(method)
+    def run(self: StoryPipeline, *args: Any, **kwargs: Any) -> Any:
+        from pipeline.training import cpu_threads
+
+        with cpu_threads(self.config.runtime.cpu_thread_count()):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class StoryPipeline:
@@ -137,6 +151,7 @@ class StoryPipeline:
     # Stories
     # ----------------------------------------------------------------------------------------
 
+    @in_runtime_threads
     def tell(
         self,
         image: Image.Image | str | Path,
@@ -196,6 +211,7 @@ class StoryPipeline:
                 writer.replace(story)
         return story
 
+    @in_runtime_threads
     def resume(
         self,
         folder: str | Path,
@@ -218,6 +234,7 @@ class StoryPipeline:
             writer.finish(story)
         return story
 
+    @in_runtime_threads
     def edit(
         self,
         story: Story | str | Path,
@@ -245,6 +262,7 @@ class StoryPipeline:
         StoryTeller.check_edit(story, frame, caption, strength)
         return self._teller(events).edit(story, frame, caption, strength, propagate, on_frame)
 
+    @in_runtime_threads
     def insert(
         self,
         story: Story | str | Path,
@@ -264,6 +282,7 @@ class StoryPipeline:
         StoryTeller.check_insert(story, after, caption)
         return self._teller(events).insert(story, after, caption, on_frame)
 
+    @in_runtime_threads
     def caption(
         self,
         image: Image.Image | str | Path,

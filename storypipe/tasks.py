@@ -178,6 +178,7 @@ def evaluate(
     from eval.runner import EvalModels, PhasedModels, StoryFrames, select_stories
     from eval.runner import evaluate_in_phases as run
     from pipeline.prompts import PromptTemplates
+    from pipeline.training import cpu_threads
 
     state = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes: gloo under torchrun
     ecfg = cfg.eval
@@ -234,7 +235,7 @@ def evaluate(
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, out)
-    with progress or ProgressReporter(enabled=False) as reporter:
+    with progress or ProgressReporter(enabled=False) as reporter, cpu_threads(cfg.runtime.cpu_thread_count()):
         done = reporter.task("eval steps (phase, story)", total=None) if state.is_main_process else None
         return run(
             stories, data_dir, out, ecfg, models,
