@@ -216,10 +216,14 @@ class FrameGenerator:
                 else:
                     # Only the concatenated features stay alive through the UNet pass, and they are freed
                     # before the next step's reference passes (storypipe plan traces this same peak).
-                    state = fixed or self._attend_state(
-                        self._branch_features(references, int(t), generator, share_reference_passes),
-                        references,
-                        pooled,
+                    state = (
+                        fixed
+                        if fixed is not None
+                        else self._attend_state(
+                            self._branch_features(references, int(t), generator, share_reference_passes),
+                            references,
+                            pooled,
+                        )
                     )
                     branch_text = text[[0, 0, 1]]  # uncond, image, all
                     eps_uncond, eps_image, eps_all = self._unet(

@@ -2,12 +2,12 @@
 
 The stages' own modules, built from the same configs as the weight counts, run on *fake* tensors
 (``torch._subclasses.FakeTensorMode``: every tensor has its shape, dtype and device but no storage, so
-nothing is allocated or computed) under PyTorch's ``MemTracker`` (``torch.distributed._tools``), which
-follows every tensor's storage from allocation to release and reports the peak. What is traced:
+nothing is allocated or computed) while :class:`StoragePeak` follows every storage their ops create from
+allocation to release and keeps the peak. What is traced:
 
 | purpose | traced |
 |---|---|
-| generate | LLaVA: vision tower + language-model prefill over image, prompt and new tokens, with its KV cache; SD: text encoder, VAE encode of the references and blank images, the two reference record passes, the 3-branch UNet pass holding their features, VAE decode |
+| generate | LLaVA: vision tower, a prefill over image and prompt tokens, then the new tokens growing the KV cache; SD: text encoder, VAE encode of the references and blank images, the two reference record passes, the 3-branch UNet pass holding their features, VAE decode |
 | finetune-llava | one training step: vision tower (no grad), language model with LoRA and gradient checkpointing under autocast, logits and loss, backward |
 | finetune-storygen | one training step of ``StoryDiffusion.forward`` (reference record pass, UNet with context layers, gradient checkpointing, autocast) and backward |
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,15 +39,6 @@ PROMPT_TEXT_TOKENS = 128
 # A training sample's text tokens besides the image: the prompt plus the answer (one caption).
 TRAIN_TEXT_TOKENS = PROMPT_TEXT_TOKENS + 48
 TRACED_DEVICE = "cpu"  # fake tensors need no device; sizes are the same on any
-
-
-@dataclass(frozen=True)
-class Activation:
-    """One traced run: what it was, and the peak bytes beyond its weights."""
-
-    component: str
-    bytes: int
-    what: str
 
 
 @contextlib.contextmanager

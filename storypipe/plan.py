@@ -122,9 +122,6 @@ class MemoryPlan:
     def total_bytes(self) -> int:
         return self.peak.total_bytes
 
-    def activation_bytes(self) -> int:
-        return sum(item.bytes for item in self.items if item.dtype == ACTIVATIONS)
-
     @property
     def fits(self) -> bool:
         return self.total_bytes <= self.budget_bytes
@@ -351,8 +348,7 @@ def llava_generate_item(cfg: StorypipeConfig, device_type: str, batch: int = 1) 
 
     dtype = LLAVA_CUDA_DTYPE if device_type == "cuda" else LLAVA_TRAIN_DTYPE
     model = meta_llava(llava_config_folder(cfg))
-    captioner = cfg.captioner
-    nbytes = llava_generate_activations(model, captioner, getattr(torch, dtype), batch=batch)
+    nbytes = llava_generate_activations(model, cfg.captioner, getattr(torch, dtype), batch=batch)
     return activation_item("LLaVA caption" if batch == 1 else f"LLaVA captions (batch {batch})", nbytes)
 
 
@@ -430,11 +426,8 @@ def offloaded(items: list[PlanItem], activations: PlanItem, running: tuple[str, 
     only (``sequential``, which streams one layer at a time)."""
     if mode == "none":
         return [*items, activations]
-    kept = [item for item in items if item.component.startswith(resident)]
-    moving = [item for item in items if item.component.startswith(running) and item not in kept]
-    if mode == "sequential":
-        moving = []  # one layer at a time: see the note plan() adds
-    return [*kept, *moving, activations]
+    on_gpu = resident if mode == "sequential" else (*resident, *running)  # sequential: see plan()'s note
+    return [*(item for item in items if item.component.startswith(on_gpu)), activations]
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,13 +468,15 @@ def plan(
     if purpose == "eval":
         from storypipe.wiring import eval_phases
 
-        for phase in eval_phases(cfg):
-            items: list[PlanItem] = []
-            for group in phase.models:
-                group_items, group_notes = eval_group_items(cfg, group, device_type, sd_dtype)
-                items += group_items
-                notes += [note for note in group_notes if note not in notes]
-            phases.append(PlanPhase(phase.name, tuple(items)))
+        load_phases = eval_phases(cfg)
+        groups = dict.fromkeys(group for phase in load_phases for group in phase.models)
+        for group in groups:  # each group once: several phases hold the captioners or the generator
+            groups[group], group_notes = eval_group_items(cfg, group, device_type, sd_dtype)
+            notes += group_notes
+        phases = [
+            PlanPhase(phase.name, tuple(item for group in phase.models for item in groups[group]))
+            for phase in load_phases
+        ]
     if purpose == "finetune-llava":
         import torch
 
