@@ -44,6 +44,16 @@ class GeneratedImage(Protocol):
     prompt_truncated: bool
 
 
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame to draw: its description and the previous <= K frames (oldest first) it reads."""
+
+    description: str
+    context_images: Sequence[Image.Image] = ()
+    context_descriptions: Sequence[str] = ()
+    seed: int = 0
+
+
 class FrameIllustrator(Protocol):
     max_references: int  # K: the most previous frames it reads
 
@@ -57,6 +67,13 @@ class FrameIllustrator(Protocol):
         strength: float | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GeneratedImage: ...
+
+    def generate_batch(
+        self, requests: Sequence[FrameRequest], on_step: Callable[[int, int], None] | None = None
+    ) -> list[GeneratedImage]:
+        """Several frames at once, each as ``generate`` would draw it from the same request (up to
+        floating-point batching noise); every request reads the same number of previous frames."""
+        ...
 
 
 FrameCallback = Callable[[Frame], None]

@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import OffloadMode
+from pipeline.orchestrator import FrameRequest
 from storygen_ft.attention import StoryAttentionState
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.model import StoryDiffusion, resolve_base_model
@@ -245,6 +246,30 @@ class FrameGenerator:
             )
         finally:
             model.offload()  # runtime.offload=model: nothing stays on the GPU between frames
+
+    def generate_batch(
+        self,
+        requests: Sequence[FrameRequest],
+        on_step: Callable[[int, int], None] | None = None,
+        **options,
+    ) -> list[FrameResult]:
+        """Several frames, each as :meth:`generate` draws it from the same request and seed.
+        Every request must read the same number of previous frames. ``options`` as for :meth:`generate`.
+        (First version: one frame after another; batched sampling replaces the loop.)"""
+        counts = {len(request.context_images) for request in requests}
+        if len(counts) > 1:
+            raise ValueError(f"requests read different numbers of previous frames: {sorted(counts)}")
+        return [
+            self.generate(
+                request.description,
+                request.context_images,
+                request.context_descriptions,
+                seed=request.seed,
+                on_step=on_step,
+                **options,
+            )
+            for request in requests
+        ]
 
     # ----------------------------------------------------------------------------------------
 

@@ -67,3 +67,9 @@ class FakeIllustrator:
             "strength": strength,
         })  # fmt: skip
         return FakeResult(Image.new("RGB", (16, 16), colour_of(f"{description}|{seed}")))
+
+    def generate_batch(self, requests, on_step=None):
+        return [
+            self.generate(r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step)
+            for r in requests
+        ]
