@@ -69,6 +69,12 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_captioners.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_storygen.py
 
+# One denoising step at SD 1.5 size and 512² (random weights from the shipped configs), each mode against
+# plain SD: about an hour on 2 CPU cores, so not part of `make bench` or CI.
+.PHONY: bench-fullsize
+bench-fullsize:
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_fullsize.py
+
 # Both captioner adapters, on the output of `storypipe prepare-llava --out $(LLAVA_DATA)`.
 finetune-llava:
 	$(STORYPIPE) finetune-llava --task story --data $(LLAVA_DATA)/story_next.json --images $(LLAVA_DATA)/images \

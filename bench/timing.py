@@ -32,9 +32,13 @@ class Timing:
 
 
 def interleaved(
-    candidates: Mapping[str, Callable[[], object]], repeats: int = MIN_REPEATS, warmup: int = 1
+    candidates: Mapping[str, Callable[[], object]],
+    repeats: int = MIN_REPEATS,
+    warmup: int = 1,
+    self_timed: bool = False,
 ) -> dict[str, Timing]:
-    """Time each candidate ``repeats`` times after ``warmup`` untimed calls, interleaving the candidates."""
+    """Time each candidate ``repeats`` times after ``warmup`` untimed calls, interleaving the candidates.
+    With ``self_timed`` each call returns the seconds to record (the part of its work it measured)."""
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats must be >= {MIN_REPEATS} (min/median of at least three), got {repeats}")
     names = list(candidates)
@@ -46,8 +50,8 @@ def interleaved(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
-            candidates[name]()
-            timings[name].seconds.append(time.perf_counter() - started)
+            measured = candidates[name]()
+            timings[name].seconds.append(measured if self_timed else time.perf_counter() - started)
     return timings
 
 

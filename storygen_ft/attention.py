@@ -29,6 +29,7 @@ Note: ``set_default_attn_processor``, ``fuse_qkv_projections`` and xformers repl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,12 +48,20 @@ class StoryAttentionState:
     """What the processors exchange during one UNet call.
 
     ``record``: ``features`` is filled with one ``(rows, L, C)`` tensor per layer.
-    ``attend``: ``features`` holds one ``(rows, N, L, C)`` tensor per layer (N references per row),
-    ``reference_mask`` is ``(rows, N)``, True where a reference exists; rows with none get no context.
-    ``None`` means every reference exists: no mask at all, so SDPA can pick its fused (flash /
+    ``attend``: ``features`` holds one ``(S, N, L, C)`` tensor per layer: S *reference sets* of N
+    references each. ``set_of_row[r]`` names the set query row ``r`` reads; ``None`` means row ``r``
+    reads set ``r`` (training: one set per example). Rows that read the same set share its keys and
+    values, which are projected once: the sampler's *image* and *all* branches read one set of real
+    references, and every story's *uncond* branch the one blank set.
+    ``reference_mask`` is ``(S, N)``, True where a reference exists; rows whose set has none get no
+    context. ``None`` means every reference exists: no mask at all, so SDPA can pick its fused (flash /
     memory-efficient) kernels, and no device-to-host sync asks whether one is needed.
     The memory attention also needs the sentence embeddings: ``query_embedding`` ``(rows, D)`` of the
-    current description and ``key_embeddings`` ``(rows, N, D)`` of the references' descriptions.
+    current description and ``key_embeddings`` ``(S, N, D)`` of the references' descriptions.
+    With ``keep_projections`` each layer's key/value projections of ``features`` are kept in
+    ``projections`` once computed, for as long as the state lives: the sampler's fast mode keeps one
+    state for the frame, so they are computed once per frame. Training leaves it off (gradient
+    checkpointing reruns a block and must recompute them).
     """
 
     mode: Literal["record", "attend"]
@@ -60,6 +69,59 @@ class StoryAttentionState:
     reference_mask: torch.Tensor | None = None
     query_embedding: torch.Tensor | None = None
     key_embeddings: torch.Tensor | None = None
+    set_of_row: tuple[int, ...] | None = None
+    keep_projections: bool = False
+    projections: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    def projected(
+        self, layer: str, project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """``project(features[layer])``; with ``keep_projections`` computed once per layer and kept."""
+        if not self.keep_projections:
+            return project(self.features[layer])
+        if layer not in self.projections:
+            self.projections[layer] = project(self.features[layer])
+        return self.projections[layer]
+
+    def row_groups(self) -> list[RowGroup]:
+        """The query rows grouped by the set they read, sets with equally many readers together."""
+        if self.set_of_row is None:
+            count = next(iter(self.features.values())).shape[0]
+            return [RowGroup(sets=list(range(count)), rows=list(range(count)), readers=1)]
+        readers: dict[int, list[int]] = {}
+        for row, reference_set in enumerate(self.set_of_row):
+            readers.setdefault(reference_set, []).append(row)
+        groups: dict[int, RowGroup] = {}
+        for reference_set, rows in readers.items():
+            group = groups.setdefault(len(rows), RowGroup([], [], len(rows)))
+            group.sets.append(reference_set)
+            group.rows.extend(rows)  # set-major: the readers of one set side by side
+        return list(groups.values())
+
+    def rows_with_references(self) -> torch.Tensor | None:
+        """``(rows,)``: True where the row's set has a reference; ``None`` when every row's does."""
+        if self.reference_mask is None:
+            return None
+        has_reference = self.reference_mask.any(dim=1)  # (S,)
+        if self.set_of_row is None:
+            return has_reference
+        return has_reference[list(self.set_of_row)]  # (rows,)
+
+
+@dataclass
+class RowGroup:
+    """Query ``rows`` (set-major, ``readers`` per set) that read the reference ``sets``."""
+
+    sets: list[int]
+    rows: list[int]
+    readers: int
+
+
+def by_set(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """``tensor[indices]`` along dim 0, without a copy when ``indices`` is all of it in order."""
+    if indices == list(range(tensor.shape[0])):
+        return tensor
+    return tensor[indices]
 
 
 class ReferenceCrossAttention(nn.Module):
@@ -100,27 +162,44 @@ class ReferenceCrossAttention(nn.Module):
         return layer
 
     def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
-        references = state.features[layer]  # (rows, N, L_ref, C)
-        rows, count, tokens, channels = references.shape
-        mask = state.reference_mask  # (rows, N) or None: all there
-        token_mask = None
-        if mask is not None:
-            has_reference = mask.any(dim=1)  # (rows,)
-            token_mask = mask[:, :, None].expand(rows, count, tokens).reshape(rows, 1, 1, count * tokens)
-            token_mask = token_mask | ~has_reference[:, None, None, None]  # keep softmax finite; zeroed below
-
+        rows, length, channels = hidden_states.shape
         head_dim = channels // self.heads
+        key, value = state.projected(layer, self.project_references)  # (S, N*L_ref, C) each
         query = self.to_q(self.norm(hidden_states))  # (rows, L, C)
-        context = references.reshape(rows, count * tokens, channels)  # (rows, N*L_ref, C)
-        key, value = self.to_k(context), self.to_v(context)  # (rows, N*L_ref, C)
-        query, key, value = (
-            x.view(rows, -1, self.heads, head_dim).transpose(1, 2) for x in (query, key, value)
-        )
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=token_mask
-        )  # (rows, heads, L, head_dim)
-        out = self.to_out(out.transpose(1, 2).reshape(rows, -1, channels))  # (rows, L, C)
-        return out if mask is None else out * has_reference[:, None, None].to(out.dtype)
+        mask = state.reference_mask  # (S, N) or None: all there
+        groups = state.row_groups()
+        out = None if len(groups) == 1 and groups[0].rows == list(range(rows)) else torch.empty_like(query)
+        for group in groups:
+            # The readers of one set side by side along the token axis: one attention, shared keys.
+            sets = len(group.sets)
+            group_query = by_set(query, group.rows).reshape(sets, group.readers * length, channels)
+            token_mask = None
+            if mask is not None:
+                set_mask = by_set(mask, group.sets)  # (S_g, N)
+                token_mask = set_mask.repeat_interleave(
+                    key.shape[1] // mask.shape[1], dim=1
+                )  # (S_g, N*L_ref)
+                token_mask = token_mask | ~set_mask.any(dim=1, keepdim=True)  # finite softmax; zeroed below
+                token_mask = token_mask[:, None, None, :]  # (S_g, 1, 1, N*L_ref)
+            q, k, v = (
+                x.view(sets, -1, self.heads, head_dim).transpose(1, 2)
+                for x in (group_query, by_set(key, group.sets), by_set(value, group.sets))
+            )
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)  # (S_g, heads, g*L, d)
+            attended = attended.transpose(1, 2).reshape(sets * group.readers, length, channels)
+            if out is None:  # one group holding every row in order
+                out = attended
+            else:
+                out[group.rows] = attended
+        out = self.to_out(out)  # (rows, L, C)
+        has_reference = state.rows_with_references()
+        return out if has_reference is None else out * has_reference[:, None, None].to(out.dtype)
+
+    def project_references(self, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S, N, L_ref, C)`` -> keys and values ``(S, N*L_ref, C)``: the references' tokens concatenated."""
+        sets, count, tokens, channels = references.shape
+        context = references.reshape(sets, count * tokens, channels)  # (S, N*L_ref, C)
+        return self.to_k(context), self.to_v(context)
 
 
 class MemoryAttention(nn.Module):
@@ -158,11 +237,19 @@ class MemoryAttention(nn.Module):
         return scores.softmax(dim=-1) * mask.any(dim=1, keepdim=True)  # rows without references weigh nothing
 
     def forward(self, hidden_states: torch.Tensor, state: StoryAttentionState, layer: str) -> torch.Tensor:
-        references = state.features[layer]  # (rows, N, L_ref, C)
-        weights = self.weights(state.query_embedding, state.key_embeddings, state.reference_mask)  # (rows, N)
-        memory = torch.einsum(
-            "rn,rnlc->rlc", weights.to(references.dtype), self.to_v(references)
-        )  # (rows, L, C)
+        (values,) = state.projected(layer, lambda references: (self.to_v(references),))  # (S, N, L, C)
+        set_of_row = list(state.set_of_row) if state.set_of_row is not None else None
+        keys, mask = state.key_embeddings, state.reference_mask  # (S, N, D), (S, N)
+        if set_of_row is not None:
+            keys = keys[set_of_row]  # (rows, N, D)
+            mask = mask[set_of_row] if mask is not None else None
+        weights = self.weights(state.query_embedding, keys, mask).to(values.dtype)  # (rows, N)
+        memory = torch.empty_like(hidden_states)  # (rows, L, C)
+        for group in state.row_groups():
+            group_weights = weights[group.rows].view(len(group.sets), group.readers, -1)  # (S_g, g, N)
+            memory[group.rows] = torch.einsum(
+                "sgn,snlc->sglc", group_weights, by_set(values, group.sets)
+            ).flatten(0, 1)  # (S_g*g, L, C)
         return self.to_out(memory)
 
 
@@ -230,7 +317,7 @@ class StoryGenExactCrossAttnProcessor(AttnProcessor2_0):
         context = self.context(raw, story, self.layer)  # (rows, L, C)
         if story.reference_mask is None:  # every row has its references
             return text + context + raw
-        has_reference = story.reference_mask.any(dim=1)[:, None, None].to(raw.dtype)  # (rows, 1, 1)
+        has_reference = story.rows_with_references()[:, None, None].to(raw.dtype)  # (rows, 1, 1)
         return text + context + raw * has_reference  # (rows, L, C)
 
 

@@ -146,6 +146,10 @@ class GeneratorConfig:
     # "once": fast mode, computed once per frame at `fast_reference_timestep` and reused.
     reference_features: Literal["per_step", "once"] = "per_step"
     fast_reference_timestep: int = 50
+    # The blank references' features (the uncond branch's) depend only on the timestep, so they are kept
+    # across frames, in host memory, up to this many MiB (SD 1.5 at 512², 40 steps: about 2.3 GiB in
+    # fp16 for all of them); 0 computes them at every step.
+    blank_reference_cache_mib: int = 3072
     edit_strength: float = 0.5  # img2img noise for `storypipe edit` (the source paper used 50%)
     # The weights' dtype at inference: "auto" is float16 on CUDA (half the memory of SD 1.5's fp32
     # weights) and float32 on a CPU, where half-precision kernels are slow or missing.
@@ -166,6 +170,7 @@ class GeneratorConfig:
             (self.guidance_scale >= 0, "guidance_scale", "must be >= 0"),
             (self.image_guidance_scale >= 0, "image_guidance_scale", "must be >= 0"),
             (self.reference_timestep_divisor >= 1, "reference_timestep_divisor", "must be >= 1"),
+            (self.blank_reference_cache_mib >= 0, "blank_reference_cache_mib", "must be >= 0"),
             (0 < self.edit_strength <= 1, "edit_strength", "must be in (0, 1]"),
             (self.dtype in WEIGHT_DTYPES, "dtype", f"must be one of {', '.join(WEIGHT_DTYPES)}"),
         ])  # fmt: skip

@@ -275,17 +275,19 @@ def sd_generate_activations(
             pixels = torch.randn(2 * count, 3, side, side, dtype=dtype)  # references and blank images
             vae.encode(pixels).latent_dist.mode()
             del pixels
-            branches = [record(count), record(count)]  # blank, real (shared by the image and all branches)
-            features = {
-                layer: torch.cat([b[layer] for b in (*branches, branches[1])]) for layer in branches[0]
-            }
+            # The blank set (a first frame's blank pass; later frames read it kept) and the real set, which
+            # the image and all branches share.
+            branches = [record(count), record(count)]
+            features = {layer: torch.cat([b[layer] for b in branches]) for layer in branches[0]}
             del branches
             state = StoryAttentionState(
                 mode="attend",
-                features=features,  # (3, N, L, C)
+                features=features,  # (2, N, L, C)
                 reference_mask=None,  # as the generator passes: every reference exists
                 query_embedding=torch.randn(3, text_dim, dtype=dtype),
-                key_embeddings=torch.randn(3, count, text_dim, dtype=dtype),
+                key_embeddings=torch.randn(2, count, text_dim, dtype=dtype),
+                set_of_row=(0, 1, 1),  # uncond reads the blank set; image and all the real one
+                keep_projections=cfg.reference_features == "once",  # fast mode keeps them for the frame
             )
             latents = torch.randn(3, channels, latent_side, latent_side, dtype=dtype)  # (3, C, h, w)
             text = torch.randn(3, text_len, text_dim, dtype=dtype)

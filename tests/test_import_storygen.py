@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.errors import DataError
+from pipeline.orchestrator import FrameRequest
 from storygen_ft.attention import StoryAttentionState, layer_key
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.generator import FrameGenerator
@@ -385,8 +386,11 @@ def test_the_exact_mode_combines_guidance_as_storygen(imported, monkeypatch):
     for latents, _, branch_text, state in (call for call in calls if call[3].mode == "attend"):
         torch.testing.assert_close(branch_text, text)  # uncond, uncond, cond
         assert torch.equal(latents[0], latents[1]) and torch.equal(latents[1], latents[2])
-        for tokens in state.features.values():  # (3, N, L, C): blank, real, real references
-            assert torch.equal(tokens[1], tokens[2]) and not torch.equal(tokens[0], tokens[1])
+        # Two reference sets, (2, N, L, C): the blank one for the uncond row, the real one that the image
+        # and all rows both read.
+        assert state.set_of_row == (0, 1, 1)
+        for tokens in state.features.values():
+            assert tokens.shape[0] == 2 and not torch.equal(tokens[0], tokens[1])
 
 
 def test_the_exact_mode_samples_with_storygens_ddim(imported):
@@ -412,9 +416,8 @@ def test_other_modes_keep_posterior_means_and_fresh_reference_noise(imported):
         exact.vae, exact.text_encoder, exact.tokenizer, exact.unet, exact.scheduler, "storygen"
     )
     cfg = GeneratorConfig(base_model="unused", resolution=32, num_inference_steps=SAMPLER_STEPS)
-    references = FrameGenerator(model, cfg)._encode_references(
-        FRAMES, FRAME_TEXTS, torch.Generator().manual_seed(0)
-    )
+    request = FrameRequest("A red circle waves.", tuple(FRAMES), tuple(FRAME_TEXTS), seed=0)
+    references = FrameGenerator(model, cfg)._encode_references([request], [torch.Generator().manual_seed(0)])
     assert references.noise is None
     torch.testing.assert_close(references.latents, model.encode_images(model.images_to_tensor(FRAMES, 32)))
 

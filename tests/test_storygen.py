@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from pipeline.errors import ConfigError
+from pipeline.orchestrator import FrameRequest
 from storygen_ft.attention import MemoryAttention, StoryAttentionState
 from storygen_ft.config import GeneratorConfig
 from storygen_ft.generator import FrameGenerator
@@ -32,12 +35,83 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
+def _blank_passes(generator: FrameGenerator, count: int) -> int:
+    """Blank-reference passes of a first frame with ``count`` references: one per reference timestep
+    (t // divisor) * (N - i) not seen before, in the frame when the features are kept (the default),
+    else in the step."""
+    scheduler = generator.model.scheduler
+    scheduler.set_timesteps(STEPS)
+    divisor = generator.cfg.reference_timestep_divisor
+    per_step = [{(int(t) // divisor) * (count - i) for i in range(count)} for t in scheduler.timesteps]
+    if generator.cfg.blank_reference_cache_mib:
+        return len(set().union(*per_step))
+    return sum(len(timesteps) for timesteps in per_step)
+
+
 @pytest.mark.parametrize("count", [0, 1, 2, 3])
-def test_output_shapes_and_unet_work_for_0_to_3_references(generator, count):
+def test_output_shapes_and_unet_work_for_0_to_3_references(tiny_sd, count):
+    generator = FrameGenerator.from_config(_config(tiny_sd))  # nothing kept yet
     result = generator.generate("A red circle waves.", REFERENCES[:count], REFERENCE_TEXTS[:count], seed=0)
     assert result.image.size == (32, 32) and result.image.mode == "RGB"
-    # Per step: 3 guidance branches + 2 reference sets of N frames (blank and real); no context: 2 branches.
-    assert result.unet_evaluations == STEPS * (3 + 2 * count if count else 2)
+    # Per step: 3 guidance branches + the N real references (one pass for the image and all branches), and
+    # the blank references' timesteps not seen before; no context: 2 branches.
+    expected = STEPS * (3 + count) + _blank_passes(generator, count) if count else STEPS * 2
+    assert result.unet_evaluations == expected
+    # A later frame reads the kept blank features: no blank pass at all, and the same frame.
+    again = generator.generate("A red circle waves.", REFERENCES[:count], REFERENCE_TEXTS[:count], seed=0)
+    assert again.unet_evaluations == (STEPS * (3 + count) if count else STEPS * 2)
+    assert np.array_equal(_pixels(again.image), _pixels(result.image))
+
+
+@pytest.mark.parametrize("context", ["storygen", "memory"])
+def test_kept_blank_features_draw_the_frame_of_recomputed_ones(tiny_sd, context):
+    """The blank references' features are kept across frames: a memo of what a generator that keeps
+    nothing (blank_reference_cache_mib=0) recomputes every step, equal up to the floating-point noise of
+    the batch they were computed in (the kept ones came from another frame's pass)."""
+    kept = _perturbed(tiny_sd, _config(tiny_sd, context=context))
+    recomputed = _perturbed(tiny_sd, _config(tiny_sd, context=context, blank_reference_cache_mib=0))
+    kept.generate("A blue square runs.", REFERENCES[:1], REFERENCE_TEXTS[:1], seed=7)  # fills part of it
+    frames = [
+        g.generate("A red circle waves.", REFERENCES[1:], REFERENCE_TEXTS[1:], seed=1)
+        for g in (kept, recomputed)
+    ]
+    assert np.abs(_pixels(frames[0].image) - _pixels(frames[1].image)).max() <= 1
+    assert recomputed.blank.kept == {} and kept.blank.kept_bytes > 0
+    # What is kept for each timestep is that timestep's blank pass (and timesteps' passes differ).
+    timesteps = sorted(kept.blank.kept)[-2:]
+    with torch.no_grad():
+        fresh = recomputed._record_blank(kept.model.encode_text([""])[0], timesteps)
+    for layer, tokens in fresh.items():
+        for position, t in enumerate(timesteps):
+            torch.testing.assert_close(kept.blank.kept[t][layer], tokens[position], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(tokens[0], tokens[1], atol=1e-3)
+    assert frames[1].unet_evaluations == STEPS * (3 + 2) + _blank_passes(recomputed, 2)  # every step's
+    assert frames[0].unet_evaluations < frames[1].unet_evaluations
+
+
+@pytest.mark.parametrize("context", ["storygen", "storygen_exact", "memory"])
+def test_a_batch_draws_each_frame_as_a_single_call_does(tiny_sd, context):
+    """generate_batch: every frame from its own seed, equal to generating it alone up to floating-point
+    batching noise (at most 2 of 255 on any pixel here), with the blank passes shared by the batch."""
+    cfg = _config(tiny_sd, context=context)
+    batched, single = _perturbed(tiny_sd, cfg), _perturbed(tiny_sd, cfg)
+    requests = [
+        FrameRequest("A red circle waves.", tuple(REFERENCES[:2]), tuple(REFERENCE_TEXTS[:2]), seed=1),
+        FrameRequest("A blue square runs.", tuple(REFERENCES[1:]), tuple(REFERENCE_TEXTS[1:]), seed=2),
+        FrameRequest("A red circle waves.", tuple(REFERENCES[:2]), tuple(REFERENCE_TEXTS[:2]), seed=3),
+    ]
+    results = batched.generate_batch(requests)
+    alone = [
+        single.generate(r.description, r.context_images, r.context_descriptions, seed=r.seed)
+        for r in requests
+    ]
+    for result, expected in zip(results, alone, strict=True):
+        assert np.abs(_pixels(result.image) - _pixels(expected.image)).max() <= 2
+    assert not np.array_equal(_pixels(results[0].image), _pixels(results[2].image))  # seeds matter
+    if context != "storygen_exact":  # one blank set for the whole batch; exact mode samples one per frame
+        assert results[0].unet_evaluations == STEPS * 3 * (3 + 2) + _blank_passes(batched, 2)
+    with pytest.raises(ValueError, match="equally many previous frames"):
+        batched.generate_batch([requests[0], FrameRequest("A red circle.", seed=4)])
 
 
 def test_untrained_context_leaves_the_unet_exactly_unchanged(generator, tiny_sd):
@@ -92,13 +166,18 @@ def test_no_context_mode_is_diffusers_stable_diffusion(tiny_sd):
 
 
 def test_shared_reference_passes_are_bit_identical_to_per_branch_passes(generator, tiny_sd):
-    trained_like = _perturbed(tiny_sd, generator.cfg)  # non-zero outputs, so the references really matter
+    cfg = dataclasses.replace(generator.cfg, blank_reference_cache_mib=0)  # count every blank pass
+    trained_like = _perturbed(tiny_sd, cfg)  # non-zero outputs, so the references really matter
     shared = trained_like.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1)
     naive = trained_like.generate(
         "A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1, share_reference_passes=False
     )
     assert np.array_equal(_pixels(shared.image), _pixels(naive.image))
-    assert shared.unet_evaluations == STEPS * (3 + 2 * 3) and naive.unet_evaluations == STEPS * (3 + 3 * 3)
+    blank = _blank_passes(trained_like, 3)
+    assert (
+        shared.unet_evaluations == STEPS * (3 + 3) + blank
+        and naive.unet_evaluations == STEPS * (3 + 2 * 3) + blank
+    )
     plain = trained_like.generate("A red circle waves.", seed=1)
     assert not np.array_equal(_pixels(shared.image), _pixels(plain.image))
 
@@ -109,7 +188,7 @@ def test_fast_mode_computes_reference_features_once(generator, tiny_sd):
         "A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1, reference_features="once"
     )
     faithful = trained_like.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1)
-    assert fast.unet_evaluations == STEPS * 3 + 2 * 3
+    assert fast.unet_evaluations == STEPS * 3 + 3 + 3  # the steps, then the real and blank references once
     assert not np.array_equal(_pixels(fast.image), _pixels(faithful.image))
 
 
@@ -260,3 +339,20 @@ def test_no_reference_mask_means_every_reference_exists(tiny_sd, context):
         unmasked = attend(None)
         assert torch.allclose(unmasked, attend(torch.ones(2, 3, dtype=torch.bool)), atol=1e-5)
         assert not torch.allclose(unmasked, attend(torch.zeros(2, 3, dtype=torch.bool)), atol=1e-3)
+
+
+@pytest.mark.parametrize("reference_features, projections", [("per_step", STEPS), ("once", 1)])
+def test_reference_keys_and_values_are_projected_once_per_set(tiny_sd, reference_features, projections):
+    """The image and all branches read one real set, so the keys come from 2 sets (blank, real), not 3
+    branches; fast mode projects them once per frame, the faithful mode once per step."""
+    generator = _perturbed(tiny_sd, _config(tiny_sd))
+    layer = next(iter(generator.model.context_layers.values()))
+    seen = []
+    handle = layer.to_k.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    try:
+        generator.generate(
+            "A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=1, reference_features=reference_features
+        )
+    finally:
+        handle.remove()
+    assert seen == [2] * projections  # (S=2 sets, N*L, C) per projection
