@@ -3,8 +3,11 @@
 A small SD-1.5-layout model is built offline (larger than the test model) and its context layers get
 small random output projections, so the references really change the frame, as after training. For one
 frame with 3 references it reports, in one run:
-* UNet evaluations (sample-passes) and seconds per frame for: per-branch reference passes (naive),
-  shared passes (the default) and fast mode, each as a ratio to naive;
+* UNet passes per frame (a count of UNet evaluations, not time) for: per-branch reference passes
+  (naive), shared passes (the default) and fast mode, each as a ratio to naive;
+* seconds per frame for the same three, as time ratios to naive (bench/timing.py: warmed up,
+  interleaved, min / median of 3). The time ratio is not the pass ratio: a frame also spends time
+  outside the UNet (text and VAE encoding, decoding), and not every pass costs the same;
 * how far fast mode's decoded frame moves from the faithful one (mean absolute pixel difference, 0-255),
   next to how far the references move it at all (faithful vs no references).
 """
@@ -12,12 +15,12 @@ frame with 3 references it reports, in one run:
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import interleaved, ratio_line
 
 from storygen_ft.config import GeneratorConfig, TinyDiffusionSettings
 from storygen_ft.generator import FrameGenerator
@@ -50,26 +53,27 @@ def main() -> None:
         def generate(**options):
             return generator.generate("A red circle waves.", REFERENCES, REFERENCE_TEXTS, seed=0, **options)
 
-        generate()  # warm-up
-
-        runs = {}
-        for name, options in (
-            ("naive", {"share_reference_passes": False}),
-            ("shared", {}),
-            ("fast", {"reference_features": "once"}),
-        ):
-            started = time.perf_counter()
-            result = generate(**options)
-            runs[name] = (result, time.perf_counter() - started)
-        naive_evals, naive_s = runs["naive"][0].unet_evaluations, runs["naive"][1]
-        for name, (result, seconds) in runs.items():
-            print(f"{name:>6}: {result.unet_evaluations} UNet evaluations/frame ({result.unet_evaluations / naive_evals:.2f}x naive), "
-                  f"{seconds:.2f} s/frame ({seconds / naive_s:.2f}x naive)")  # fmt: skip
+        modes = {
+            "naive": {"share_reference_passes": False},
+            "shared": {},
+            "fast": {"reference_features": "once"},
+        }
+        results = {name: generate(**options) for name, options in modes.items()}
+        naive_passes = results["naive"].unet_evaluations
+        print(f"UNet passes per frame ({STEPS} steps, 3 references; a pass count, not time):")
+        for name, result in results.items():
+            print(f"  {name:>6}: {result.unet_evaluations} UNet passes ({result.unet_evaluations / naive_passes:.2f}x naive)")  # fmt: skip
+        timings = interleaved(
+            {name: lambda options=options: generate(**options) for name, options in modes.items()}
+        )
+        print("Seconds per frame (time):")
+        for name in modes:
+            print("  " + ratio_line(timings, name, "naive"))
         plain = generator.generate("A red circle waves.", seed=0).image
-        faithful = runs["shared"][0].image
-        print(f"fast-mode drift: {mean_abs_difference(runs['fast'][0].image, faithful):.2f} mean |Δpixel| from the faithful frame; "
+        faithful = results["shared"].image
+        print(f"fast-mode drift: {mean_abs_difference(results['fast'].image, faithful):.2f} mean |Δpixel| from the faithful frame; "
               f"the references themselves move it {mean_abs_difference(faithful, plain):.2f}")  # fmt: skip
-        identical = np.array_equal(np.asarray(runs["naive"][0].image), np.asarray(faithful))
+        identical = np.array_equal(np.asarray(results["naive"].image), np.asarray(faithful))
         print(f"shared passes bit-identical to naive: {identical}")
 
 

@@ -2,15 +2,17 @@
 
 Writes a synthetic split the size of VIST's train set (40k stories, 200k SIS and 200k DII annotations,
 image files as empty placeholders: grouping never decodes them) and reports the time of
-``load_vist_split`` as a ratio against a bare ``json.load`` of the same two files, measured in this process.
+``load_vist_split`` as a ratio against a bare ``json.load`` of the same two files, measured in this process
+(bench/timing.py: warmed up, interleaved, min / median of 3).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
+
+from timing import interleaved, ratio_line
 
 from pipeline.data.vist import (
     dii_annotation,
@@ -47,17 +49,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_split(root)
-        started = time.perf_counter()
-        for path in (sis_path(root, "train"), dii_path(root, "train")):
-            json.loads(path.read_text())
-        parse_s = time.perf_counter() - started
-        started = time.perf_counter()
-        split = load_vist_split(root, "train")
-        load_s = time.perf_counter() - started
-    assert len(split.stories) == STORIES
-    print(
-        f"VIST load, {STORIES} stories: json.load {parse_s:.2f}s, load_vist_split {load_s:.2f}s, ratio {load_s / parse_s:.2f}x"
-    )
+
+        def parse() -> None:
+            for path in (sis_path(root, "train"), dii_path(root, "train")):
+                json.loads(path.read_text())
+
+        def load() -> None:
+            assert len(load_vist_split(root, "train").stories) == STORIES
+
+        timings = interleaved({"json.load": parse, "load_vist_split": load})
+    print(f"VIST load, {STORIES} stories (the SIS and DII files of VIST train's size):")
+    print("  " + ratio_line(timings, "load_vist_split", "json.load"))
+    print("  " + ratio_line(timings, "json.load", "json.load"))
 
 
 if __name__ == "__main__":

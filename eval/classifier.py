@@ -30,11 +30,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from eval.config import CLASSIFIER_CONFIG_FILE as CONFIG_FILE
 from pipeline.errors import StorypipeError
 from pipeline.io import atomic_write_folder, atomic_write_json
 
 WEIGHTS_FILE = "classifier.safetensors"
-CONFIG_FILE = "classifier.json"
 FORMAT_VERSION = 1
 CHARACTER_THRESHOLD = 0.5  # a character is predicted when its sigmoid probability reaches this
 IGNORE_BACKGROUND = -100  # target index of frames without a background (F.cross_entropy's ignore_index)

@@ -8,6 +8,10 @@ from typing import Literal
 from eval.rows import ROW_KEYS
 from pipeline.config import ModelPath, validate
 
+# The file that marks a frame-classifier folder (eval.classifier): here, so that a pre-flight check of the
+# folder reads it without importing torch.
+CLASSIFIER_CONFIG_FILE = "classifier.json"
+
 
 @dataclass
 class EvalConfig:

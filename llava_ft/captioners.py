@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -25,6 +25,9 @@ from pipeline.config import OffloadMode
 from pipeline.errors import ConfigError, StorypipeError
 from pipeline.offload import Placement, place_modules
 from pipeline.prompts import PromptTemplates
+
+if TYPE_CHECKING:
+    from peft import PeftModel  # imported where an adapter loads: peft costs seconds of start-up
 
 # bitsandbytes' 4-bit weights stay where they were loaded, so offload hooks cannot move them.
 OFFLOAD_4BIT_ADVICE = (
@@ -79,6 +82,8 @@ class Captioners:
             folder = cfg.adapter_for(task)
             if folder is None:
                 continue
+            from peft import PeftModel
+
             try:
                 if isinstance(model, PeftModel):
                     model.load_adapter(
@@ -95,7 +100,7 @@ class Captioners:
         placement = None
         if offload != "none":
             # The hook goes on the LLaVA itself: PeftModel.generate calls its forward, not the wrapper's.
-            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            base = model.get_base_model() if adapters else model
             placement = place_modules([base], device, offload)
         return cls(model, processor, adapters, cfg, placement=placement)
 
@@ -191,7 +196,7 @@ class Captioners:
         if task in self.adapters:
             self.model.set_adapter(task)
             return contextlib.nullcontext()
-        if isinstance(self.model, PeftModel):
+        if self.adapters:  # the model is a PeftModel
             return self.model.disable_adapter()  # zero-shot: the bare base answers
         return contextlib.nullcontext()
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.config import CLASSIFIER_CONFIG_FILE
 from eval.text_metrics import PYTHON_PACKAGE_PREFIX
 from pipeline.config import in_cache
 from pipeline.errors import StorypipeError
@@ -165,28 +166,22 @@ def _every_model(cfg: StorypipeConfig) -> Iterator[tuple[frozenset[str], ModelNe
             "`storypipe train-clip` trains a toy CLIP; or set it to null.",
         )  # fmt: skip
     evaluating = frozenset({"eval"})
-    kinds: dict[str, ModelKind | None] = {
+    kinds: dict[str, ModelKind] = {
         "sentence_model": SENTENCE_MODEL,
         "clip_model": TRANSFORMERS,
         "detector_model": TRANSFORMERS,
-        "classifier_model": _classifier_kind() if ecfg.classifier_model else None,
+        "classifier_model": ModelKind("storypipe frame classifier", CLASSIFIER_CONFIG_FILE),
         "caption_baseline_model": TRANSFORMERS,
         "text_baseline_model": TRANSFORMERS,
         "memory_generator_model": DIFFUSERS,
     }
     for field, kind in kinds.items():
         reference = getattr(ecfg, field)
-        if reference and kind is not None:
+        if reference:
             yield (
                 evaluating,
                 ModelNeed(f"eval.{field}", reference, kind, EVAL_MODEL_ADVICE[field], reference in built),
             )
-
-
-def _classifier_kind() -> ModelKind:
-    from eval.classifier import CONFIG_FILE  # imports torch: only when a classifier is configured
-
-    return ModelKind("storypipe frame classifier", CONFIG_FILE)
 
 
 def _built_on_first_use(cfg: StorypipeConfig) -> set[str]:

@@ -70,6 +70,8 @@ class FakeIllustrator:
 
     def generate_batch(self, requests, on_step=None):
         return [
-            self.generate(r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step)
+            self.generate(
+                r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step
+            )
             for r in requests
         ]
