@@ -59,8 +59,13 @@ STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person
 
 
 class Captioners(Protocol):
+    """Row ``i`` of a call is sampled with ``seeds[i]``."""
+
     def next_story_captions(
-        self, images: Sequence[Image.Image], captions: Sequence[str], seed: int | None = None
+        self,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        seeds: Sequence[int | None] | None = None,
     ) -> list[str]: ...
 
     def describe_batch(
@@ -68,7 +73,7 @@ class Captioners(Protocol):
         images: Sequence[Image.Image],
         current: Sequence[str],
         upcoming: Sequence[str],
-        seed: int | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[str]: ...
 
 
@@ -249,10 +254,11 @@ def predict_next_texts(
     row: TextRow, models: EvalModels, images: list[Image.Image], captions: list[str], seed: int
 ) -> list[str]:
     """A non-autoregressive text row's predictions for frames 1..n-1: frame k+1's text from GT frame k."""
+    seeds = [seed] * (len(images) - 1)  # every row draws from the story's seed
     if row.model == "captioners" and row.reference == "dii":  # the description captioner also reads SIS k+1
-        return models.captioners.describe_batch(images[:-1], captions[:-1], captions[1:], seed=seed)
+        return models.captioners.describe_batch(images[:-1], captions[:-1], captions[1:], seeds=seeds)
     if row.model == "captioners":
-        return models.captioners.next_story_captions(images[:-1], captions[:-1], seed=seed)
+        return models.captioners.next_story_captions(images[:-1], captions[:-1], seeds=seeds)
     if row.model == "caption_baseline":
         return models.caption_baseline(images[:-1])
     if row.model == "text_baseline":

@@ -88,9 +88,9 @@ def test_the_repetition_guard_resamples_near_repeats():
     assert story.frames[2].story_caption == "They all went home."
     assert story.metadata["repetition_resamples"] == {"1": 0, "2": 2}
     seeds = [seed for _, _, seed in captioner.story_calls]
-    assert seeds[1:] == [
-        derive_seed(0, "caption", 2, attempt) for attempt in range(3)
-    ]  # a new seed per resample
+    # a new seed per resample; the resamples are drawn in one batch, after the first sample repeated
+    assert seeds[1:] == [derive_seed(0, "caption", 2, attempt) for attempt in range(4)]
+    assert [size for task, size in captioner.batches if task == "story"] == [1, 1, 3]
 
 
 def test_similarity_rules():
