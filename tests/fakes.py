@@ -89,6 +89,8 @@ class FakeIllustrator:
         if len({len(r.context_images) for r in requests}) > 1:
             raise ValueError("requests read different numbers of previous frames")
         return [
-            self.generate(r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step)
+            self.generate(
+                r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step
+            )
             for r in requests
         ]
