@@ -17,7 +17,6 @@ only calls "he", "she" or "they"?
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -47,9 +46,9 @@ from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
 from pipeline.orchestrator import FrameIllustrator
 from pipeline.seeds import derive_seed
+from pipeline.story import PLAIN_NAME, PLAIN_NAME_RULE
 
 IMAGES_DIR = "images"
-SAFE_STORY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
 
 
@@ -148,10 +147,10 @@ def select_stories(
     split = load_vist_split(data_dir, cfg.split, story_length=story_length)
     stories = list(split.iter_usable(limit=cfg.max_stories))
     for story, _ in stories:  # each id names files and folders under OUT: it must not lead out of it
-        if not SAFE_STORY_ID.fullmatch(story.story_id):
+        if not PLAIN_NAME.fullmatch(story.story_id):
             raise DataError(
-                f"split {cfg.split!r} of {data_dir}: story_id {story.story_id!r} is not a plain name (letters, "
-                "digits, '.', '_' and '-', not starting with '.'); the eval names its files after story ids"
+                f"split {cfg.split!r} of {data_dir}: story_id {story.story_id!r} is not a plain name "
+                f"({PLAIN_NAME_RULE}); the eval names its files after story ids"
             )
     if not stories:
         raise DataError(
