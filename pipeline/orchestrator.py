@@ -250,6 +250,8 @@ class StoryTeller:
             self.check_begin(self.cfg, start.caption, start.description, start.frames, start.seed)
             for start in starts
         ]
+        if not starts:
+            return []
         started = time.perf_counter()
         images = [start.image.convert("RGB") for start in starts]
         undescribed = [i for i, (_, description, _, _) in enumerate(checked) if description is None]
