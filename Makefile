@@ -68,6 +68,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_vist_load.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_captioners.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_storygen.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_many.py
 
 # Both captioner adapters, on the output of `storypipe prepare-llava --out $(LLAVA_DATA)`.
 finetune-llava:
