@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
@@ -44,7 +44,7 @@ from eval.scoring import Measures, score_images, score_intrinsic, score_text
 from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
-from pipeline.orchestrator import FrameIllustrator
+from pipeline.orchestrator import FrameIllustrator, StoryCaptioner
 from pipeline.seeds import derive_seed
 from pipeline.story import PLAIN_NAME, PLAIN_NAME_RULE
 
@@ -55,25 +55,6 @@ STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person
 # --------------------------------------------------------------------------------------------
 # What the evaluation runs: small interfaces, implemented by the stages and wired in storypipe.wiring
 # --------------------------------------------------------------------------------------------
-
-
-class Captioners(Protocol):
-    """Row ``i`` of a call is sampled with ``seeds[i]``."""
-
-    def next_story_captions(
-        self,
-        images: Sequence[Image.Image],
-        captions: Sequence[str],
-        seeds: Sequence[int | None] | None = None,
-    ) -> list[str]: ...
-
-    def describe_batch(
-        self,
-        images: Sequence[Image.Image],
-        current: Sequence[str],
-        upcoming: Sequence[str],
-        seeds: Sequence[int | None] | None = None,
-    ) -> list[str]: ...
 
 
 @dataclass
@@ -87,7 +68,7 @@ class StoryFrames:
 class EvalModels:
     """The systems under test; any may be None, and its rows are then skipped."""
 
-    captioners: Captioners | None = None
+    captioners: StoryCaptioner | None = None  # the story loop's interface: the batched calls
     illustrator: FrameIllustrator | None = None
     # A frame generator with Make-A-Story's memory attention instead of StoryGen's context branch.
     memory_illustrator: FrameIllustrator | None = None

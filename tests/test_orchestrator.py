@@ -265,7 +265,9 @@ def sequential_caption(captioner, story, index, seed, cfg, notes) -> tuple[str, 
         if repeated < cfg.repetition_threshold or not caption.strip():
             break
         if attempt == cfg.repetition_retries:
-            notes.append(f"frame {index}: the story caption still nearly repeats an earlier one after {attempt} resamples")
+            notes.append(
+                f"frame {index}: the story caption still nearly repeats an earlier one after {attempt} resamples"
+            )
     return caption, attempt
 
 
@@ -311,7 +313,9 @@ def test_stories_told_together_equal_each_story_told_alone_and_share_each_call()
 
 
 def test_a_story_that_is_behind_catches_up_before_it_joins_the_batch():
-    starts = [StoryStart(SEED_IMAGE, caption, frames=5, seed=seed) for seed, caption in enumerate(CAPTIONS[:3])]
+    starts = [
+        StoryStart(SEED_IMAGE, caption, frames=5, seed=seed) for seed, caption in enumerate(CAPTIONS[:3])
+    ]
     alone = [teller(frames=5).tell(SEED_IMAGE, s.caption, frames=5, seed=s.seed) for s in starts]
     ahead = [Story(story.frames[:3], dict(story.metadata)) for story in alone[:2]]  # frames 0..2 done
     behind = Story(alone[2].frames[:1], dict(alone[2].metadata))  # only its seed frame
