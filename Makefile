@@ -70,6 +70,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_storygen.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_startup.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_contention.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_many.py
 
 # One denoising step at SD 1.5 size and 512² (random weights from the shipped configs), each mode against
 # plain SD: about an hour on 2 CPU cores, so not part of `make bench` or CI.

@@ -17,12 +17,11 @@ only calls "he", "she" or "they"?
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
@@ -45,31 +44,17 @@ from eval.scoring import Measures, score_images, score_intrinsic, score_text
 from pipeline.data.vist import VistStory, load_vist_split
 from pipeline.errors import DataError, StorypipeError
 from pipeline.io import atomic_save_image, atomic_write_json
-from pipeline.orchestrator import FrameIllustrator
+from pipeline.orchestrator import FrameIllustrator, StoryCaptioner
 from pipeline.seeds import derive_seed
+from pipeline.story import PLAIN_NAME, PLAIN_NAME_RULE
 
 IMAGES_DIR = "images"
-SAFE_STORY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 STORIES_DIR = "stories"  # the autoregressive stories, as story folders a person can open
 
 
 # --------------------------------------------------------------------------------------------
 # What the evaluation runs: small interfaces, implemented by the stages and wired in storypipe.wiring
 # --------------------------------------------------------------------------------------------
-
-
-class Captioners(Protocol):
-    def next_story_captions(
-        self, images: Sequence[Image.Image], captions: Sequence[str], seed: int | None = None
-    ) -> list[str]: ...
-
-    def describe_batch(
-        self,
-        images: Sequence[Image.Image],
-        current: Sequence[str],
-        upcoming: Sequence[str],
-        seed: int | None = None,
-    ) -> list[str]: ...
 
 
 @dataclass
@@ -83,7 +68,7 @@ class StoryFrames:
 class EvalModels:
     """The systems under test; any may be None, and its rows are then skipped."""
 
-    captioners: Captioners | None = None
+    captioners: StoryCaptioner | None = None  # the story loop's interface: the batched calls
     illustrator: FrameIllustrator | None = None
     # A frame generator with Make-A-Story's memory attention instead of StoryGen's context branch.
     memory_illustrator: FrameIllustrator | None = None
@@ -143,10 +128,10 @@ def select_stories(
     split = load_vist_split(data_dir, cfg.split, story_length=story_length)
     stories = list(split.iter_usable(limit=cfg.max_stories))
     for story, _ in stories:  # each id names files and folders under OUT: it must not lead out of it
-        if not SAFE_STORY_ID.fullmatch(story.story_id):
+        if not PLAIN_NAME.fullmatch(story.story_id):
             raise DataError(
-                f"split {cfg.split!r} of {data_dir}: story_id {story.story_id!r} is not a plain name (letters, "
-                "digits, '.', '_' and '-', not starting with '.'); the eval names its files after story ids"
+                f"split {cfg.split!r} of {data_dir}: story_id {story.story_id!r} is not a plain name "
+                f"({PLAIN_NAME_RULE}); the eval names its files after story ids"
             )
     if not stories:
         raise DataError(
@@ -249,10 +234,11 @@ def predict_next_texts(
     row: TextRow, models: EvalModels, images: list[Image.Image], captions: list[str], seed: int
 ) -> list[str]:
     """A non-autoregressive text row's predictions for frames 1..n-1: frame k+1's text from GT frame k."""
+    seeds = [seed] * (len(images) - 1)  # every row draws from the story's seed
     if row.model == "captioners" and row.reference == "dii":  # the description captioner also reads SIS k+1
-        return models.captioners.describe_batch(images[:-1], captions[:-1], captions[1:], seed=seed)
+        return models.captioners.describe_batch(images[:-1], captions[:-1], captions[1:], seeds=seeds)
     if row.model == "captioners":
-        return models.captioners.next_story_captions(images[:-1], captions[:-1], seed=seed)
+        return models.captioners.next_story_captions(images[:-1], captions[:-1], seeds=seeds)
     if row.model == "caption_baseline":
         return models.caption_baseline(images[:-1])
     if row.model == "text_baseline":

@@ -128,41 +128,56 @@ class Captioners:
     # ----------------------------------------------------------------------------------------
 
     def next_story_caption(self, image: Image.Image, caption: str, seed: int | None = None) -> str:
-        return self.next_story_captions([image], [caption], seed=seed)[0]
+        return self.next_story_captions([image], [caption], seeds=[seed])[0]
 
     def next_story_captions(
-        self, images: Sequence[Image.Image], captions: Sequence[str], seed: int | None = None
+        self,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        seeds: Sequence[int | None] | None = None,
     ) -> list[str]:
-        _check_batch(images, captions=captions)
+        """Row ``i``'s next story caption, sampled with ``seeds[i]``: the same answer in any batch."""
+        _check_batch(images, seeds, captions=captions)
         questions = [self.prompts.story_next_question(caption) for caption in captions]
-        return self.generate("story", images, questions, seed=seed)
+        return self.generate("story", images, questions, seeds=seeds)
 
     def describe(
         self, image: Image.Image, current_caption: str, next_caption: str, seed: int | None = None
     ) -> str:
-        return self.describe_batch([image], [current_caption], [next_caption], seed=seed)[0]
+        return self.describe_batch([image], [current_caption], [next_caption], seeds=[seed])[0]
 
     def describe_batch(
         self,
         images: Sequence[Image.Image],
         current_captions: Sequence[str],
         next_captions: Sequence[str],
-        seed: int | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[str]:
         """``images[i]`` shows the frame whose story caption is ``current_captions[i]``; the result
-        describes the next frame, whose story caption is ``next_captions[i]``."""
-        _check_batch(images, current_captions=current_captions, next_captions=next_captions)
+        describes the next frame, whose story caption is ``next_captions[i]``, sampled with ``seeds[i]``."""
+        _check_batch(images, seeds, current_captions=current_captions, next_captions=next_captions)
         questions = [
             self.prompts.description_question(previous_caption=current, current_caption=upcoming)
             for current, upcoming in zip(current_captions, next_captions, strict=True)
         ]
-        return self.generate("description", images, questions, seed=seed)
+        return self.generate("description", images, questions, seeds=seeds)
 
     @torch.no_grad()
     def generate(
-        self, task: str, images: Sequence[Image.Image], questions: Sequence[str], seed: int | None = None
+        self,
+        task: str,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        seeds: Sequence[int | None] | None = None,
     ) -> list[str]:
-        """Sample one answer per (image, question) with ``task``'s adapter (or the bare base, zero-shot)."""
+        """Sample one answer per (image, question) with ``task``'s adapter (or the bare base, zero-shot).
+
+        Row ``i`` samples from its own generator seeded with ``seeds[i]`` (None: torch's global RNG), so
+        its answer depends on its own inputs and seed only, not on the other rows of the batch (up to the
+        floating-point noise that padding adds to the logits)."""
+        seeds = [None] * len(images) if seeds is None else list(seeds)
+        _check_batch(images, seeds, questions=questions)
+
         # 1. Prompts: the chat template, left-padded so every row's answer starts at the same column.
         prompts = [chat_prompt(self.processor, question) for question in questions]
         rgb = [image.convert("RGB") for image in images]
@@ -171,16 +186,24 @@ class Captioners:
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
 
-        # 2. Sampling settings from config; temperature 0 means greedy.
-        sampling = {"do_sample": self.cfg.temperature > 0, "max_new_tokens": self.cfg.max_new_tokens}
-        if self.cfg.temperature > 0:
-            sampling.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+        # 2. Sampling from config; temperature 0 means greedy. Sampling draws each row's token from its own
+        # generator and hands greedy decoding a one-hot choice (RowSampler), so transformers' sampler,
+        # which draws a whole batch from one RNG stream, is never used.
+        from transformers import LogitsProcessorList
 
-        # 3. Generate under the task's adapter, with a private RNG stream when a seed is given.
+        processors = LogitsProcessorList()
+        if self.cfg.temperature > 0:
+            processors.append(RowSampler(seeds, self.cfg.temperature, self.cfg.top_p))
+
+        # 3. Generate under the task's adapter.
         try:
-            with self._adapter(task), _seeded(seed, self.device):
+            with self._adapter(task):
                 output = self.model.generate(
-                    **inputs, **sampling, pad_token_id=self.processor.tokenizer.pad_token_id
+                    **inputs,
+                    do_sample=False,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    logits_processor=processors,
+                    pad_token_id=self.processor.tokenizer.pad_token_id,
                 )
         finally:
             if self.placement is not None:
@@ -212,7 +235,9 @@ def clean_caption(text: str) -> str:
     return ""
 
 
-def _check_batch(images: Sequence[Image.Image], **texts: Sequence[str]) -> None:
+def _check_batch(
+    images: Sequence[Image.Image], seeds: Sequence[int | None] | None, **texts: Sequence[str]
+) -> None:
     if not images:
         raise ValueError("no images given")
     for name, values in texts.items():
@@ -222,15 +247,47 @@ def _check_batch(images: Sequence[Image.Image], **texts: Sequence[str]) -> None:
             raise ValueError(f"{name} must be non-empty strings")
     if any(not isinstance(image, Image.Image) for image in images):
         raise ValueError("images must be PIL images")
+    if seeds is not None:
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        if any(seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)) for seed in seeds):
+            raise ValueError(f"seeds must be integers or None, got {list(seeds)!r}")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed sampling without touching the caller's global RNG state."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+class RowSampler:
+    """Temperature and top-p sampling with one ``torch.Generator`` per row (a transformers logits processor).
+
+    transformers' own sampling draws the whole batch from one RNG stream, so a row's answer would depend
+    on which rows share its batch. This processor draws row ``i``'s token from a CPU generator seeded with
+    ``seeds[i]`` (torch's global RNG when None) and returns scores that are ``-inf`` everywhere but at
+    the drawn token, so greedy decoding (``generate(do_sample=False)``) takes it. It must run last:
+    transformers appends a custom processor after its own (repetition penalty, minimum length...).
+    A row draws once per decoding step, so its k-th token always comes from its stream's k-th draw.
+    """
+
+    def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 to sample (0 is greedy), got {temperature}")
+        self.generators = [None if seed is None else torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """A transformers logits processor: ``scores`` (B, vocabulary) for the next token."""
+        chosen = torch.full_like(scores, -float("inf"))
+        for row, generator in enumerate(self.generators):  # row by row: nothing mixes rows
+            probabilities = top_p_probabilities(scores[row].float().cpu() / self.temperature, self.top_p)
+            token = torch.multinomial(probabilities, 1, generator=generator)
+            chosen[row, token.to(scores.device)] = 0.0
+        return chosen
+
+
+def top_p_probabilities(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The softmax of ``logits`` (one row) over the smallest set of most likely tokens whose probability
+    reaches ``top_p``, renormalised; the rule of transformers' ``TopPLogitsWarper`` (one token at least)."""
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[-1:] = False  # keep the most likely token
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float("inf"))
+    return logits.softmax(dim=-1)

@@ -3,9 +3,14 @@
 Written against two small interfaces, so it runs the same with the real models, the tiny ones, or test
 fakes. For k = 1 .. n-1:
 
-1. story caption k  <- captioner.next_story_caption(image k-1, caption k-1)   (repetition guard below)
-2. description k    <- captioner.describe(image k-1, caption k-1, caption k)
-3. image k          <- illustrator.generate(description k, frames max(0, k-K) .. k-1 with their descriptions)
+1. story caption k  <- captioner.next_story_captions(image k-1, caption k-1)   (repetition guard below)
+2. description k    <- captioner.describe_batch(image k-1, caption k-1, caption k)
+3. image k          <- illustrator.generate_batch(description k, frames max(0, k-K) .. k-1 with their descriptions)
+
+Several stories advance together (:meth:`StoryTeller.continue_stories`): the stories at the same frame
+count make one batch, so frame k of B stories is one batched call of each model; one story is a batch of
+one. Every row of a batch draws from its own seed, so a story is the same whichever stories share its
+batches (up to floating-point batching noise in the images).
 
 Every random choice is seeded by :func:`pipeline.seeds.derive_seed` from the story seed, what is drawn
 and the frame, so the same seed gives the same story, and continuing a story cut short gives the frames
@@ -32,11 +37,28 @@ from pipeline.story import MAX_FRAMES, MAX_SEED, MIN_FRAMES, Frame, Story, is_va
 
 
 class StoryCaptioner(Protocol):
+    """Row ``i`` of a batched call is sampled with ``seeds[i]``: its answer does not depend on the other rows."""
+
     def next_story_caption(self, image: Image.Image, caption: str, seed: int | None = None) -> str: ...
+
+    def next_story_captions(
+        self,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[str]: ...
 
     def describe(
         self, image: Image.Image, current_caption: str, next_caption: str, seed: int | None = None
     ) -> str: ...
+
+    def describe_batch(
+        self,
+        images: Sequence[Image.Image],
+        current_captions: Sequence[str],
+        next_captions: Sequence[str],
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[str]: ...
 
 
 class GeneratedImage(Protocol):
@@ -77,6 +99,18 @@ class FrameIllustrator(Protocol):
 
 
 FrameCallback = Callable[[Frame], None]
+StoryFrameCallback = Callable[[int, Frame], None]  # (the story's position in the list given, its new frame)
+
+
+@dataclass(frozen=True)
+class StoryStart:
+    """A story's seed frame and settings, as :meth:`StoryTeller.begin` takes them (None: the config's)."""
+
+    image: Image.Image
+    caption: str
+    description: str | None = None
+    frames: int | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -207,21 +241,40 @@ class StoryTeller:
     ) -> Story:
         """A story of one frame, the seed (described by the description captioner unless given), that
         :meth:`continue_story` extends to ``frames`` frames (default ``story.frames``)."""
-        caption, seed_description, frames, seed = self.check_begin(
-            self.cfg, seed_caption, seed_description, frames, seed
-        )
+        return self.begin_stories([StoryStart(seed_image, seed_caption, seed_description, frames, seed)])[0]
+
+    def begin_stories(self, starts: Sequence[StoryStart]) -> list[Story]:
+        """:meth:`begin` for several stories; the seed frames without a description are described in one
+        batched call."""
+        checked = [
+            self.check_begin(self.cfg, start.caption, start.description, start.frames, start.seed)
+            for start in starts
+        ]
+        if not starts:
+            return []
         started = time.perf_counter()
-        seed_image = seed_image.convert("RGB")
-        if seed_description is None:
-            seed_description = self.captioner.describe(
-                seed_image, caption, caption, seed=derive_seed(seed, "description", 0)
+        images = [start.image.convert("RGB") for start in starts]
+        undescribed = [i for i, (_, description, _, _) in enumerate(checked) if description is None]
+        descriptions = [description for _, description, _, _ in checked]
+        if undescribed:
+            described = self.captioner.describe_batch(
+                [images[i] for i in undescribed],
+                [checked[i][0] for i in undescribed],
+                [checked[i][0] for i in undescribed],
+                seeds=[derive_seed(checked[i][3], "description", 0) for i in undescribed],
             )
-        metadata = {
-            "seed": seed,
-            "frames_requested": frames,
-            "timings_s": {"0": {"description": time.perf_counter() - started}},
-        }
-        return Story([Frame(0, caption, seed_description, seed_image, "seed")], metadata)
+            for i, description in zip(undescribed, described, strict=True):
+                descriptions[i] = description
+        share = (time.perf_counter() - started) / len(starts)  # each story's share of the batch
+        return [
+            Story(
+                [Frame(0, caption, description, image, "seed")],
+                {"seed": seed, "frames_requested": frames, "timings_s": {"0": {"description": share}}},
+            )
+            for (caption, _, frames, seed), description, image in zip(
+                checked, descriptions, images, strict=True
+            )
+        ]
 
     def tell(
         self,
@@ -240,15 +293,37 @@ class StoryTeller:
 
     def continue_story(self, story: Story, on_frame: FrameCallback | None = None) -> Story:
         """Extend ``story`` (in place, and returned) with generated frames up to its ``frames_requested``."""
-        target = check_frame_count(story.metadata.get("frames_requested", self.cfg.frames))
-        seed = check_seed(story.metadata.get("seed", self.cfg.seed))
-        while len(story.frames) < target:
-            frame = self._next_frame(story, seed, target)
-            story.frames.append(frame)
-            if on_frame is not None:
-                on_frame(frame)
-        self._stage(len(story.frames), target, "done")
-        return story
+        announce = None if on_frame is None else lambda _position, frame: on_frame(frame)
+        return self.continue_stories([story], announce)[0]
+
+    def continue_stories(
+        self, stories: Sequence[Story], on_frame: StoryFrameCallback | None = None
+    ) -> list[Story]:
+        """Extend every story (in place; the list is returned) up to its ``frames_requested``, together:
+        each round, the stories with the fewest frames make the next frame in one batch, so stories that
+        start level stay level and one that is behind (resumed) catches up before it joins them.
+        ``on_frame(position, frame)`` is called as each frame is finished. Each story gets exactly the
+        frames :meth:`continue_story` would give it alone: every draw is seeded by its own seed."""
+        targets = [
+            check_frame_count(story.metadata.get("frames_requested", self.cfg.frames)) for story in stories
+        ]
+        seeds = [check_seed(story.metadata.get("seed", self.cfg.seed)) for story in stories]
+        while True:
+            behind = [i for i, story in enumerate(stories) if len(story.frames) < targets[i]]
+            if not behind:
+                break
+            fewest = min(len(stories[i].frames) for i in behind)
+            batch = [i for i in behind if len(stories[i].frames) == fewest]
+            frames = self._next_frames(
+                [stories[i] for i in batch], [seeds[i] for i in batch], max(targets[i] for i in batch)
+            )
+            for i, frame in zip(batch, frames, strict=True):
+                stories[i].frames.append(frame)
+                if on_frame is not None:
+                    on_frame(i, frame)
+        if stories:
+            self._stage(max(len(story.frames) for story in stories), max(targets), "done")
+        return list(stories)
 
     # ----------------------------------------------------------------------------------------
     # Editing and insertion: each returns a new story and leaves the one given unchanged
@@ -329,48 +404,103 @@ class StoryTeller:
 
     # ----------------------------------------------------------------------------------------
 
-    def _next_frame(self, story: Story, seed: int, target: int) -> Frame:
-        index = len(story.frames)
-        previous = story.frames[-1]
+    def _next_frames(self, stories: list[Story], seeds: list[int], target: int) -> list[Frame]:
+        """The next frame of each story, all at the same frame count: one batched call per model (the
+        repetition guard adds one more). Each story's timings are its share of each batched call."""
+        index = len(stories[0].frames)
+        previous = [story.frames[-1] for story in stories]
+        images = [frame.image for frame in previous]
+        captions = [frame.story_caption for frame in previous]
         timings: dict[str, float] = {}
 
-        # 1. The next story caption, resampled while it nearly repeats an earlier one.
+        # 1. The next story captions, resampled (in one batch) where one nearly repeats an earlier one.
         self._stage(index, target, "story caption")
         started = time.perf_counter()
-        earlier = [frame.story_caption for frame in story.frames]
-        for attempt in range(self.cfg.repetition_retries + 1):
-            caption = self.captioner.next_story_caption(
-                previous.image, previous.story_caption, seed=derive_seed(seed, "caption", index, attempt)
-            )
-            repeated = max(
-                (similarity(caption, other, self.cfg.repetition_rule) for other in earlier), default=0.0
-            )
-            if repeated < self.cfg.repetition_threshold or not caption.strip():
-                break
-            if attempt == self.cfg.repetition_retries:
-                self._note(
-                    f"frame {index}: the story caption still nearly repeats an earlier one after {attempt} resamples"
-                )
-        story.metadata.setdefault("repetition_resamples", {})[str(index)] = attempt
-        caption = caption.strip() or previous.story_caption
+        chosen = self._story_captions(stories, seeds, index)
+        new_captions = [caption.strip() or before for caption, before in zip(chosen, captions, strict=True)]
         timings["story_caption"] = time.perf_counter() - started
 
-        # 2. The literal description of the new frame.
+        # 2. The literal descriptions of the new frames.
         self._stage(index, target, "description")
         started = time.perf_counter()
-        description = self.captioner.describe(
-            previous.image, previous.story_caption, caption, seed=derive_seed(seed, "description", index)
+        descriptions = self.captioner.describe_batch(
+            images, captions, new_captions, seeds=[derive_seed(seed, "description", index) for seed in seeds]
         )
         timings["description"] = time.perf_counter() - started
 
-        # 3. The image, conditioned on the previous <= K frames.
+        # 3. The images, each conditioned on its story's previous <= K frames.
         self._stage(index, target, "image")
         started = time.perf_counter()
-        image = self._illustrate(story.frames, description, derive_seed(seed, "image", index))
+        requests = [
+            self._frame_request(story.frames, description, derive_seed(seed, "image", index))
+            for story, description, seed in zip(stories, descriptions, seeds, strict=True)
+        ]
+        results = self.illustrator.generate_batch(requests, on_step=self.events.on_step)
+        for result, request in zip(results, requests, strict=True):
+            self._note_truncation(result, request.description)
         timings["image"] = time.perf_counter() - started
 
-        story.metadata.setdefault("timings_s", {})[str(index)] = timings
-        return Frame(index, caption, description, image, "generated")
+        share = {stage: seconds / len(stories) for stage, seconds in timings.items()}
+        for story in stories:
+            story.metadata.setdefault("timings_s", {})[str(index)] = dict(share)
+        return [
+            Frame(index, caption, description, result.image, "generated")
+            for caption, description, result in zip(new_captions, descriptions, results, strict=True)
+        ]
+
+    def _story_captions(self, stories: list[Story], seeds: list[int], index: int) -> list[str]:
+        """Each story's next caption: its first sample (attempt 0), unless that nearly repeats an earlier
+        caption of its story; then attempts 1..``repetition_retries`` of every such story are drawn in one
+        batch, and the first in attempt order that does not repeat is taken (the last if all do). An empty
+        caption is taken as it is (the caller keeps the previous caption then). Each attempt has its own
+        seed, so this gives what drawing the attempts one at a time until one does not repeat would."""
+        images = [story.frames[-1].image for story in stories]
+        captions = [story.frames[-1].story_caption for story in stories]
+        chosen = self.captioner.next_story_captions(
+            images, captions, seeds=[derive_seed(seed, "caption", index, 0) for seed in seeds]
+        )
+        attempts = [0] * len(stories)
+        retries = range(1, self.cfg.repetition_retries + 1)
+        repeating = [i for i, story in enumerate(stories) if self._repeats(chosen[i], story)]
+        if repeating and retries:
+            resampled = self.captioner.next_story_captions(
+                [images[i] for i in repeating for _ in retries],
+                [captions[i] for i in repeating for _ in retries],
+                seeds=[
+                    derive_seed(seeds[i], "caption", index, attempt) for i in repeating for attempt in retries
+                ],
+            )
+            for row, i in enumerate(repeating):
+                samples = resampled[row * len(retries) : (row + 1) * len(retries)]
+                for attempt, caption in zip(retries, samples, strict=True):  # the first that does not repeat
+                    attempts[i], chosen[i] = attempt, caption
+                    if not self._repeats(caption, stories[i]):
+                        break
+        for i, story in enumerate(stories):
+            story.metadata.setdefault("repetition_resamples", {})[str(index)] = attempts[i]
+            if self._repeats(chosen[i], story):
+                self._note(
+                    f"frame {index}: the story caption still nearly repeats an earlier one after "
+                    f"{attempts[i]} resamples"
+                )
+        return chosen
+
+    def _repeats(self, caption: str, story: Story) -> bool:
+        """Whether a non-empty ``caption`` nearly repeats one of ``story``'s captions (``repetition_threshold``)."""
+        if not caption.strip():
+            return False
+        rule, threshold = self.cfg.repetition_rule, self.cfg.repetition_threshold
+        return any(similarity(caption, frame.story_caption, rule) >= threshold for frame in story.frames)
+
+    def _frame_request(self, before: list[Frame], description: str, seed: int) -> FrameRequest:
+        """What the illustrator draws a frame from: its description and the previous <= K frames."""
+        context = before[-self.context_frames :] if self.context_frames else []
+        return FrameRequest(
+            description,
+            [frame.image for frame in context],
+            [frame.description or frame.story_caption for frame in context],
+            seed,
+        )
 
     def _illustrate(
         self,
@@ -380,21 +510,24 @@ class StoryTeller:
         init: Image.Image | None = None,
         strength: float | None = None,
     ) -> Image.Image:
-        context = before[-self.context_frames :] if self.context_frames else []
+        request = self._frame_request(before, description, seed)
         result = self.illustrator.generate(
-            description,
-            [frame.image for frame in context],
-            [frame.description or frame.story_caption for frame in context],
-            seed=seed,
+            request.description,
+            request.context_images,
+            request.context_descriptions,
+            seed=request.seed,
             init_image=init,
             strength=strength,
             on_step=self.events.on_step,
         )
+        self._note_truncation(result, description)
+        return result.image
+
+    def _note_truncation(self, result: GeneratedImage, description: str) -> None:
         if getattr(result, "prompt_truncated", False):
             self._note(
                 f"the description was longer than the text encoder reads and was truncated: {description!r}"
             )
-        return result.image
 
     def _stage(self, index: int, total: int, what: str) -> None:
         if self.events.on_stage is not None:

@@ -23,6 +23,7 @@ the storyboards, and in the CLI's and the API's ``frame=`` / ``after=``.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -34,6 +35,9 @@ from pipeline.seeds import SEED_BITS
 STORY_JSON_VERSION = 1
 STORY_JSON_NAME = "story.json"
 FRAMES_DIR = "frames"
+# A name that files and folders are named after (a story id): it cannot lead out of its folder or hide.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+PLAIN_NAME_RULE = "letters, digits, '.', '_' and '-', not starting with '.', at most 200 characters"
 MIN_FRAMES, MAX_FRAMES = 2, 20  # frames in a told story, the seed included
 MAX_SEED = 2**SEED_BITS - 1  # a story seed; every seed storypipe draws derives from it
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,13 +31,15 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from pipeline.config import RESOLVED_CONFIG_NAME, config_to_dict, load_config
-from pipeline.errors import DataError, InputError
+from pipeline.errors import DataError, InputError, StorypipeError
 from pipeline.io import load_rgb
-from pipeline.orchestrator import FrameCallback, StoryEvents, StoryTeller, check_caption
-from pipeline.story import STORY_JSON_NAME, Frame, Story
+from pipeline.orchestrator import FrameCallback, StoryEvents, StoryStart, StoryTeller, check_caption
+from pipeline.story import STORY_JSON_NAME, Frame, Story, image_path
 from pipeline.story_folder import StoryWriter, check_contained, open_for_writing, read_story_json
+from pipeline.storyboard import STORYBOARD_HTML
 from storypipe import preflight, wiring
 from storypipe.config import DEFAULT_PRESET, StorypipeConfig, preset_path
+from storypipe.many import BadLine, BadLines, ManyStories, StoryOutcome, StorySeed, read_seeds
 
 if TYPE_CHECKING:
     from llava_ft.captioners import Captioners
@@ -85,7 +88,7 @@ class StoryPipeline:
     """The captioners and the frame generator of one config, on one device.
 
     Each model loads on first use, after the call's inputs are checked, and stays loaded; a missing model
-    is a clear error before anything is written.
+    is a clear error before anything is written. ``device`` defaults to ``runtime.device``.
     """
 
     def __init__(
@@ -93,9 +96,11 @@ class StoryPipeline:
         config: StorypipeConfig,
         captioners: Captioners | None = None,
         generator: FrameGenerator | None = None,
+        *,
+        device: str | None = None,
     ) -> None:
         self.config = config
-        self.device = wiring.resolve_device(config)
+        self.device = device or wiring.resolve_device(config)  # e.g. wiring.process_device under a launcher
         self._captioners = captioners
         self._generator = generator
 
@@ -189,9 +194,7 @@ class StoryPipeline:
 
             # 3. The models; a caption the text encoder cannot read whole gets a warning.
             teller = self._teller(events)
-            for text in (caption, description):
-                if text is not None and self.generator.exceeds_prompt_limit(text):
-                    note(f"{text!r} is longer than the text encoder reads; it will be truncated")
+            self._note_long_texts((caption, description), note)
 
             # 4. The seed frame, then every generated frame, each saved as it finishes (a story being
             # replaced is written once it is complete, so the old one stays whole until then).
@@ -210,6 +213,79 @@ class StoryPipeline:
             elif writer is not None:
                 writer.replace(story)
         return story
+
+    @in_runtime_threads
+    def tell_many(
+        self,
+        seeds_file: str | Path,
+        out: str | Path,
+        *,
+        batch_size: int = 8,
+        skip_bad: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        on_start: Callable[[int], None] | None = None,
+        on_story: Callable[[StoryOutcome], None] | None = None,
+        events: StoryEvents | None = None,
+    ) -> ManyStories:
+        """One story per line of ``seeds_file`` (JSON Lines, see :mod:`storypipe.many`), each into
+        ``out/{id}/``: the same story folder :meth:`tell` with ``save_to`` writes for the same inputs and seed.
+
+        ``batch_size`` stories advance together, frame k of all of them in one batched call of each model.
+        A story already complete is skipped and one that was interrupted continues from its last frame, so
+        a rerun finishes what a crash left. ``shard=(i, n)`` tells only every n-th story from the i-th
+        (``accelerate launch``: :func:`storypipe.wiring.process_state`). ``on_start(count)`` is called once
+        the lines are checked, with this process's number of stories; ``on_story(outcome)`` as each story
+        is done (or skipped).
+
+        Every line, and the folder it writes, is checked before any model loads: a bad line raises
+        :class:`storypipe.many.BadLines` naming each one (``file:line``) and nothing is written; with
+        ``skip_bad`` the other lines go ahead and the bad ones are in the result."""
+        # 1. Check the arguments and every line (and what its folder holds) before any model loads.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        index, count = shard
+        if not 0 <= index < count:
+            raise InputError(
+                f"shard must be (process, processes) with 0 <= process < processes, got {shard!r}"
+            )
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out} is a file; --out takes a folder for the story folders")
+        seeds, bad = read_seeds(Path(seeds_file), self.config.story)
+        states: dict[str, str] = {}
+        for seed in seeds:
+            try:
+                states[seed.id] = self._folder_state(seed, out / seed.id)
+            except StorypipeError as exc:
+                bad.append(BadLine(seed.where, str(exc)))
+        if bad and not skip_bad:
+            raise BadLines(bad)
+        note = (events.on_note if events is not None else None) or logger.warning
+        for line in bad if index == 0 else ():  # every process finds the same bad lines; one says so
+            note(f"skipping {line}")
+        mine = [seed for seed in seeds if seed.id in states][index::count]
+        if on_start is not None:
+            on_start(len(mine))
+
+        # 2. Stories already complete are skipped; the rest are told (or continued), batch_size at a time.
+        outcomes: dict[str, StoryOutcome] = {}
+        todo = []
+        for seed in mine:
+            if states[seed.id] == "complete":
+                frames = len(read_story_json(out / seed.id)["frames"])
+                outcomes[seed.id] = StoryOutcome(seed, out / seed.id, "complete", frames)
+                if on_story is not None:
+                    on_story(outcomes[seed.id])
+            else:
+                todo.append(seed)
+        if todo:
+            teller = self._teller(events)
+            for start in range(0, len(todo), batch_size):
+                for outcome in self._tell_batch(teller, todo[start : start + batch_size], out, note):
+                    outcomes[outcome.seed.id] = outcome
+                    if on_story is not None:
+                        on_story(outcome)
+        return ManyStories([outcomes[seed.id] for seed in mine], bad, (index, count))
 
     @in_runtime_threads
     def resume(
@@ -302,6 +378,83 @@ class StoryPipeline:
         return next_caption, self.captioners.describe(picture, caption, next_caption, seed=seed)
 
     # ----------------------------------------------------------------------------------------
+
+    def _folder_state(self, seed: StorySeed, folder: Path) -> str:
+        """``new``, ``resume`` or ``complete``: what telling ``seed`` into ``folder`` means; an error when the
+        folder holds something else (files not storypipe's, another story, a story of another config)."""
+        if not folder.exists():
+            return "new"
+        if folder.is_symlink() or not folder.is_dir():
+            raise InputError(f"{folder} is not a folder; remove it or give the line another id")
+        check_contained(folder)
+        writer = StoryWriter(folder)  # read only: the folder's state, no writes
+        if not writer.holds_story:
+            writer.check_no_unknown_entries()
+            return "new"
+        data = read_story_json(folder)
+        first, metadata = data["frames"][0], data["metadata"]
+        told = (first["story_caption"], metadata.get("seed"), metadata.get("frames_requested"))
+        if told != (seed.caption, seed.seed, seed.frames) or (
+            seed.description is not None and first["description"] != seed.description
+        ):
+            raise InputError(
+                f"{folder} holds another story (seed caption {told[0]!r}, seed {told[1]}, {told[2]} frames); "
+                "remove it, or give the line another id"
+            )
+        self._check_told_with_this_config(folder)
+        done = len(data["frames"]) == seed.frames and all(
+            (folder / image_path(frame)).is_file() for frame in data["frames"]
+        )
+        return "complete" if done and (folder / STORYBOARD_HTML).is_file() else "resume"
+
+    def _tell_batch(
+        self, teller: StoryTeller, batch: list[StorySeed], out: Path, note: Callable[[str], None]
+    ) -> list[StoryOutcome]:
+        """Tell (or continue) the stories of ``batch`` together, each saved into its folder as each frame
+        is finished, under the folders' locks."""
+        started = time.perf_counter()
+        with ExitStack() as stack:
+            writers = [stack.enter_context(open_for_writing(out / seed.id, create=True)) for seed in batch]
+            # 1. The interrupted stories as far as they got; the new ones begun (seed descriptions batched).
+            stories: list[Story | None] = [
+                writer.load(complete_only=True) if writer.holds_story else None for writer in writers
+            ]
+            new = [i for i, story in enumerate(stories) if story is None]
+            starts = []
+            for i in new:
+                writers[i].check_no_unknown_entries()
+                seed = batch[i]
+                self._note_long_texts((seed.caption, seed.description), note)
+                image = self._seed_image(
+                    seed.image, lambda message, seed=seed: note(f"{seed.where}: {message}")
+                )
+                starts.append(StoryStart(image, seed.caption, seed.description, seed.frames, seed.seed))
+            for i, story in zip(new, teller.begin_stories(starts), strict=True):
+                story.config = config_to_dict(self.config)
+                writers[i].start(story)
+                stories[i] = story
+            resumed_at = [len(story.frames) for story in stories]
+
+            # 2. Every story to its end, frame k of all of them at once; each frame saved as it is finished.
+            teller.continue_stories(
+                stories, lambda position, frame: writers[position].append(stories[position])
+            )
+
+            # 3. The storyboards.
+            for writer, story in zip(writers, stories, strict=True):
+                writer.finish(story)
+        seconds = time.perf_counter() - started
+        return [
+            StoryOutcome(seed, out / seed.id, "told" if i in new else "resumed", len(story.frames),
+                         None if i in new else resumed_at[i], seconds)
+            for i, (seed, story) in enumerate(zip(batch, stories, strict=True))
+        ]  # fmt: skip
+
+    def _note_long_texts(self, texts: Sequence[str | None], note: Callable[[str], None]) -> None:
+        """A note for each text the generator's text encoder cannot read whole."""
+        for text in texts:
+            if text is not None and self.generator.exceeds_prompt_limit(text):
+                note(f"{text!r} is longer than the text encoder reads; it will be truncated")
 
     def _require_models(self, purpose: str) -> None:
         """Before the first model loads: every model ``purpose`` needs is there, or one error names each

@@ -568,6 +568,47 @@ def generate(
 
 
 @options(
+    option("--seeds", type=EXISTING_FILE, required=True,
+           help='A JSON Lines file, one story a line: {"image": ..., "caption": ..., "description"?: ..., '
+                '"frames"?: ..., "seed"?: ..., "id"?: ...}; image paths are relative to its folder.'),
+    option("--out", type=FOLDER, required=True, help="Folder for the story folders, one per line: OUT/{id}/."),
+    option("--batch-size", "batch_size", type=click.IntRange(min=1), default=8,
+           help="Stories told together: frame k of each in one batched call of each model."),
+    option("--skip-bad", "skip_bad", is_flag=True,
+           help="Tell the good lines when some are bad (each bad line is named either way)."),
+    *SAMPLING_OPTIONS,
+)  # fmt: skip
+def generate_many(run: Run, seeds: Path, out: Path, batch_size: int, skip_bad: bool) -> list[str]:
+    """Tell one story per line of a seeds file, B at a time; a rerun skips finished stories and continues
+    interrupted ones. Under `accelerate launch --num_processes N` each process tells every N-th story."""
+    from storypipe import wiring
+    from storypipe.many import StoryOutcome
+
+    cfg = run.config()
+    state = wiring.process_state()
+    shard = (state.process_index, state.num_processes)
+    pipe = StoryPipeline(cfg, device=wiring.process_device(cfg, state))
+    prefix = f"[process {shard[0]} of {shard[1]}] " if shard[1] > 1 else ""
+    with ProgressReporter(run.console, enabled=state.is_main_process) as progress:
+        stories = progress.task("stories")
+
+        def story_done(outcome: StoryOutcome) -> None:
+            run.console.print(prefix + outcome.line(), highlight=False, markup=False)
+            stories.advance()
+
+        told = pipe.tell_many(seeds, out, batch_size=batch_size, skip_bad=skip_bad, shard=shard,
+                              on_start=lambda count: stories.update(0, count), on_story=story_done,
+                              events=run.story_events(progress))  # fmt: skip
+    run.note_zero_shot(pipe)
+    counts = {
+        status: sum(o.status == status for o in told.outcomes) for status in ("told", "resumed", "complete")
+    }
+    skipped = f", {len(told.bad)} bad lines skipped" if told.bad else ""
+    return [f"{prefix}{len(told.outcomes)} stories in {out}: {counts['told']} told, {counts['resumed']} resumed, "
+            f"{counts['complete']} already complete{skipped}"]  # fmt: skip
+
+
+@options(
     option("--story", type=EXISTING_FOLDER, required=True, help="A story folder."),
     option("--frame", type=int, required=True, help="Which frame to edit (0 is the seed frame)."),
     option("--caption", required=True, help="The frame's new story caption."),
@@ -713,6 +754,7 @@ COMMANDS: dict[str, Callable[..., Sequence[str]]] = {
     "finetune-storygen": finetune_storygen,
     "import-storygen": import_storygen,
     "generate": generate,
+    "generate-many": generate_many,
     "edit": edit,
     "insert": insert,
     "eval": evaluate,

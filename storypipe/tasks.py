@@ -171,8 +171,6 @@ def evaluate(
     ``accelerate launch`` each process takes every n-th story; the main process scores and returns the
     results (the others return None).
     """
-    import torch
-    from accelerate import PartialState
     from PIL import Image
 
     from eval.runner import EvalModels, PhasedModels, StoryFrames, select_stories
@@ -180,11 +178,11 @@ def evaluate(
     from pipeline.prompts import PromptTemplates
     from pipeline.training import cpu_threads
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes: gloo under torchrun
+    state = wiring.process_state()
     ecfg = cfg.eval
     # 1. Inputs first: the stories (a clear error for an empty split) and the device.
     stories = select_stories(Path(data_dir), ecfg, cfg.data.story_length)
-    device = str(state.device) if torch.cuda.is_available() else wiring.resolve_device(cfg)
+    device = wiring.process_device(cfg, state)
     preflight.require(cfg, "eval")  # every missing model at once, before any loads
     if ecfg.build_tiny_models:
         wiring.build_missing_tiny_eval_models(cfg)

@@ -45,6 +45,23 @@ def resolve_device(cfg: StorypipeConfig) -> str:
     return device
 
 
+def process_state() -> Any:
+    """accelerate's ``PartialState`` of this process: under ``accelerate launch`` (or torchrun) its index
+    among the processes (on one machine or several) and its own GPU; one process otherwise. Several CPU
+    processes talk over gloo."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_device(cfg: StorypipeConfig, state: Any) -> str:
+    """This process's device: its own GPU (``state.device``) when the config runs on CUDA, else
+    ``runtime.device``."""
+    device = resolve_device(cfg)
+    return str(state.device) if device == "cuda" else device
+
+
 def captioner_offload(cfg: StorypipeConfig) -> OffloadMode:
     """``runtime.offload`` for the captioners: a 4-bit LLaVA (``captioner.load_in_4bit``) cannot be moved
     by offload hooks, so it stays resident and ``runtime.offload`` applies to the generator only."""

@@ -15,7 +15,8 @@ def colour_of(text: str) -> tuple[int, int, int]:
 
 
 class FakeCaptioner:
-    """Captions depend only on their inputs and seed; ``scripted`` answers come first when given."""
+    """Captions depend only on their inputs and seed; ``scripted`` answers come first when given. The single
+    calls are batches of one, as the real captioners'; ``batches`` records each call's task and size."""
 
     zero_shot_tasks = ()
 
@@ -23,18 +24,32 @@ class FakeCaptioner:
         self.scripted = list(scripted or [])
         self.story_calls: list[tuple[tuple, str, int]] = []
         self.describe_calls: list[tuple[tuple, str, str]] = []
+        self.batches: list[tuple[str, int]] = []
 
     def next_story_caption(self, image, caption, seed=None):
-        self.story_calls.append((image.getpixel((0, 0)), caption, seed))
-        return (
-            self.scripted.pop(0)
-            if self.scripted
-            else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
-        )
+        return self.next_story_captions([image], [caption], seeds=[seed])[0]
+
+    def next_story_captions(self, images, captions, seeds=None):
+        seeds = seeds or [None] * len(images)
+        self.batches.append(("story", len(images)))
+        answers = []
+        for image, caption, seed in zip(images, captions, seeds, strict=True):
+            self.story_calls.append((image.getpixel((0, 0)), caption, seed))
+            answers.append(
+                self.scripted.pop(0)
+                if self.scripted
+                else f"Then thing {(seed + colour_of(caption)[0]) % 9973} happened."
+            )
+        return answers
 
     def describe(self, image, current_caption, next_caption, seed=None):
-        self.describe_calls.append((image.getpixel((0, 0)), current_caption, next_caption))
-        return f"A picture of: {next_caption}"
+        return self.describe_batch([image], [current_caption], [next_caption], seeds=[seed])[0]
+
+    def describe_batch(self, images, current_captions, next_captions, seeds=None):
+        self.batches.append(("description", len(images)))
+        for image, current, upcoming in zip(images, current_captions, next_captions, strict=True):
+            self.describe_calls.append((image.getpixel((0, 0)), current, upcoming))
+        return [f"A picture of: {upcoming}" for upcoming in next_captions]
 
 
 @dataclass
@@ -50,6 +65,7 @@ class FakeIllustrator:
 
     def __init__(self, fail_at_call: int | None = None) -> None:
         self.calls: list[dict] = []
+        self.batches: list[int] = []  # the size of each generate_batch call
         self.fail_at_call = fail_at_call
 
     def exceeds_prompt_limit(self, text: str) -> bool:
@@ -69,6 +85,9 @@ class FakeIllustrator:
         return FakeResult(Image.new("RGB", (16, 16), colour_of(f"{description}|{seed}")))
 
     def generate_batch(self, requests, on_step=None):
+        self.batches.append(len(requests))
+        if len({len(r.context_images) for r in requests}) > 1:
+            raise ValueError("requests read different numbers of previous frames")
         return [
             self.generate(
                 r.description, r.context_images, r.context_descriptions, seed=r.seed, on_step=on_step

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from llava_ft.captioners import Captioners, clean_caption
+from llava_ft.captioners import Captioners, RowSampler, clean_caption, top_p_probabilities
 from llava_ft.data import collate, encode_sample, read_conversations
 from llava_ft.model import load_llava
 from llava_ft.train import FinetuneRun, train
@@ -123,6 +123,40 @@ def test_sampling_is_reproducible_by_seed_and_leaves_global_rng_alone(adapters, 
     assert torch.equal(state, torch.get_rng_state())
     assert first == [warm.next_story_caption(image, CAPTIONS[0], seed=s) for s in range(4)]
     assert len(set(first)) > 1
+
+
+def test_a_sampled_row_depends_on_its_own_seed_not_on_its_batch(adapters, llava_samples):
+    """Each row samples from its own seed: batched, single and in another batch, the same answers."""
+    warm = Captioners.from_config(dataclasses.replace(adapters, temperature=1.5, top_p=0.95))
+    images = frame_images(llava_samples)
+    batched = warm.next_story_captions(images, list(CAPTIONS), seeds=[3, 4])
+    single = [warm.next_story_caption(image, caption, seed=seed)
+              for image, caption, seed in zip(images, CAPTIONS, (3, 4), strict=True)]  # fmt: skip
+    assert batched == single
+    # Row 0 beside other rows (another companion, its own seed twice): the same answer.
+    mixed = warm.next_story_captions([images[0], images[1], images[0]], [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]],
+                                     seeds=[3, 9, 5])  # fmt: skip
+    assert mixed[0] == batched[0]
+    described = warm.describe_batch(images, list(CAPTIONS), list(NEXT_CAPTIONS), seeds=[5, 6])
+    assert described == [
+        warm.describe(image, caption, upcoming, seed=seed)
+        for image, caption, upcoming, seed in zip(images, CAPTIONS, NEXT_CAPTIONS, (5, 6), strict=True)
+    ]
+    # Seeds matter: over a few seeds, one row gets more than one answer.
+    assert len({warm.next_story_caption(images[0], CAPTIONS[0], seed=seed) for seed in range(6)}) > 1
+
+
+def test_top_p_keeps_the_nucleus_and_the_sampler_hands_greedy_one_token():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.3, 0.15]))
+    assert torch.allclose(top_p_probabilities(logits, 0.7), torch.tensor([0.0, 0.625, 0.375, 0.0]))
+    assert torch.allclose(top_p_probabilities(logits, 1.0), logits.softmax(-1))
+    assert torch.equal(top_p_probabilities(logits, 0.1), torch.tensor([0.0, 1.0, 0.0, 0.0]))  # one at least
+    sampler = RowSampler([1, 2, None], temperature=1.0, top_p=0.7)
+    scores = sampler(None, logits.repeat(3, 1))
+    assert torch.equal(torch.isfinite(scores).sum(dim=1), torch.tensor([1, 1, 1]))  # greedy takes that one
+    assert set(scores.argmax(dim=1).tolist()) <= {1, 2}  # from the nucleus only
+    with pytest.raises(ValueError, match="greedy"):
+        RowSampler([1], temperature=0.0, top_p=1.0)
 
 
 def test_missing_adapter_names_the_path_and_the_command(adapters, tmp_path):

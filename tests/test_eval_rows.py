@@ -69,12 +69,12 @@ class _TruthfulCaptioners:
         self.described = {tuple(t.captions[:-1]): t.descriptions[1:] for t in texts}
         self.calls = []
 
-    def next_story_captions(self, images, captions, seed=None):
-        self.calls.append(seed)
+    def next_story_captions(self, images, captions, seeds=None):
+        self.calls.append(seeds)
         return list(self.next[tuple(captions)])
 
-    def describe_batch(self, images, current, upcoming, seed=None):
-        self.calls.append(seed)
+    def describe_batch(self, images, current, upcoming, seeds=None):
+        self.calls.append(seeds)
         return list(self.described[tuple(current)])
 
 

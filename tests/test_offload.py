@@ -145,8 +145,8 @@ def captioner_config(tiny_llava, tmp_path_factory):
 
 def _captions(captioners: Captioners, images) -> list[list[str]]:
     return [
-        captioners.next_story_captions(images, list(CAPTIONS), seed=3),  # the adapter
-        captioners.describe_batch(images, list(CAPTIONS), list(NEXT_CAPTIONS), seed=4),  # zero-shot
+        captioners.next_story_captions(images, list(CAPTIONS), seeds=[3, 3]),  # the adapter
+        captioners.describe_batch(images, list(CAPTIONS), list(NEXT_CAPTIONS), seeds=[4, 4]),  # zero-shot
     ]
 
 

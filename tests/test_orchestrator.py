@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.config import StoryConfig
 from pipeline.errors import DataError, InputError
-from pipeline.orchestrator import StoryTeller, similarity
+from pipeline.orchestrator import StoryEvents, StoryStart, StoryTeller, similarity
 from pipeline.seeds import derive_seed
 from pipeline.story import Story
 from pipeline.story_folder import load_story, open_for_writing
@@ -88,9 +88,9 @@ def test_the_repetition_guard_resamples_near_repeats():
     assert story.frames[2].story_caption == "They all went home."
     assert story.metadata["repetition_resamples"] == {"1": 0, "2": 2}
     seeds = [seed for _, _, seed in captioner.story_calls]
-    assert seeds[1:] == [
-        derive_seed(0, "caption", 2, attempt) for attempt in range(3)
-    ]  # a new seed per resample
+    # a new seed per resample; the resamples are drawn in one batch, after the first sample repeated
+    assert seeds[1:] == [derive_seed(0, "caption", 2, attempt) for attempt in range(4)]
+    assert [size for task, size in captioner.batches if task == "story"] == [1, 1, 3]
 
 
 def test_similarity_rules():
@@ -233,3 +233,94 @@ def test_frames_are_numbered_from_zero_everywhere(tmp_path):
     assert [html.count(f'<span class="index">{i}</span>') for i in range(4)] == [1, 1, 1, 0]
     edited = teller(frames=3).edit(story, 1, "Then it rained.", strength=0.5)
     assert edited.frames[1].story_caption == "Then it rained." and edited.frames[1].index == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Several stories together
+# --------------------------------------------------------------------------------------------
+
+CAPTIONS = ["We went to the fair.", "Bruno lost his hat.", "It rained all day.", "Gala found a shell."]
+
+
+class FewWordsCaptioner(FakeCaptioner):
+    """Captions drawn by seed from a few sentences, so they often repeat and the guard resamples."""
+
+    SENTENCES = ("The fair was fun.", "The fair was fun!", "A dog barked.", "", "We ate cake at the fair.")
+
+    def next_story_captions(self, images, captions, seeds=None):
+        super().next_story_captions(images, captions, seeds)
+        return [self.SENTENCES[seed % len(self.SENTENCES)] for seed in seeds]
+
+
+def sequential_caption(captioner, story, index, seed, cfg, notes) -> tuple[str, int]:
+    """The repetition guard as it drew its resamples before batching: one at a time, until one does not
+    repeat (the reference the batched guard must match)."""
+    earlier = [frame.story_caption for frame in story.frames]
+    previous = story.frames[-1]
+    for attempt in range(cfg.repetition_retries + 1):
+        caption = captioner.next_story_caption(
+            previous.image, previous.story_caption, seed=derive_seed(seed, "caption", index, attempt)
+        )
+        repeated = max((similarity(caption, other, cfg.repetition_rule) for other in earlier), default=0.0)
+        if repeated < cfg.repetition_threshold or not caption.strip():
+            break
+        if attempt == cfg.repetition_retries:
+            notes.append(
+                f"frame {index}: the story caption still nearly repeats an earlier one after {attempt} resamples"
+            )
+    return caption, attempt
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_the_batched_repetition_guard_chooses_what_the_sequential_loop_chose(retries):
+    cfg = StoryConfig(frames=5, repetition_retries=retries, repetition_threshold=0.6)
+    notes, expected_notes = [], []
+    events = StoryEvents(on_note=notes.append)
+    told = StoryTeller(FewWordsCaptioner(), FakeIllustrator(), cfg, 3, events)
+    starts = [StoryStart(SEED_IMAGE, caption, seed=seed) for seed, caption in enumerate(CAPTIONS)]
+    stories = told.continue_stories(told.begin_stories(starts))
+
+    reference = FewWordsCaptioner()
+    for seed, story in enumerate(stories):
+        partial = Story(story.frames[:1], {})
+        for index in range(1, 5):
+            caption, attempt = sequential_caption(reference, partial, index, seed, cfg, expected_notes)
+            assert story.frames[index].story_caption == (caption.strip() or partial.frames[-1].story_caption)
+            assert story.metadata["repetition_resamples"][str(index)] == attempt
+            partial.frames.append(story.frames[index])
+    assert sorted(notes) == sorted(expected_notes)
+    # The case is not trivial: the guard resampled, and some frame ran out of resamples (a note).
+    resamples = sum(sum(story.metadata["repetition_resamples"].values()) for story in stories)
+    assert notes and (resamples > 0 or retries == 0)
+
+
+def test_stories_told_together_equal_each_story_told_alone_and_share_each_call():
+    captioner, illustrator = FakeCaptioner(), FakeIllustrator()
+    together = teller(captioner, illustrator, frames=4)
+    starts = [StoryStart(SEED_IMAGE, caption, frames=4, seed=seed) for seed, caption in enumerate(CAPTIONS)]
+    seen = []
+    stories = together.continue_stories(
+        together.begin_stories(starts), lambda position, frame: seen.append((position, frame.index))
+    )
+    for seed, (story, caption) in enumerate(zip(stories, CAPTIONS, strict=True)):
+        alone = teller(frames=4).tell(SEED_IMAGE, caption, seed=seed)
+        assert story.to_json()["frames"] == alone.to_json()["frames"] and pixels(story) == pixels(alone)
+        assert story.metadata["repetition_resamples"] == alone.metadata["repetition_resamples"]
+    # One batched call per model and frame: the seed descriptions, then frames 1..3 of the four stories.
+    assert captioner.batches == [("description", 4)] + [("story", 4), ("description", 4)] * 3
+    assert illustrator.batches == [4, 4, 4]
+    assert seen == [(position, index) for index in (1, 2, 3) for position in range(4)]
+
+
+def test_a_story_that_is_behind_catches_up_before_it_joins_the_batch():
+    starts = [
+        StoryStart(SEED_IMAGE, caption, frames=5, seed=seed) for seed, caption in enumerate(CAPTIONS[:3])
+    ]
+    alone = [teller(frames=5).tell(SEED_IMAGE, s.caption, frames=5, seed=s.seed) for s in starts]
+    ahead = [Story(story.frames[:3], dict(story.metadata)) for story in alone[:2]]  # frames 0..2 done
+    behind = Story(alone[2].frames[:1], dict(alone[2].metadata))  # only its seed frame
+    illustrator = FakeIllustrator()  # refuses a batch whose requests read different numbers of frames
+    stories = teller(illustrator=illustrator, frames=5).continue_stories([*ahead, behind])
+    assert illustrator.batches == [1, 1, 3, 3]  # frames 1 and 2 of the story behind, then all three
+    for story, expected in zip(stories, alone, strict=True):
+        assert story.to_json()["frames"] == expected.to_json()["frames"] and pixels(story) == pixels(expected)

@@ -19,9 +19,9 @@ class ThreadRecordingCaptioner(FakeCaptioner):
         super().__init__()
         self.threads: list[int] = []
 
-    def next_story_caption(self, image, caption, seed=None):
+    def next_story_captions(self, images, captions, seeds=None):
         self.threads.append(torch.get_num_threads())
-        return super().next_story_caption(image, caption, seed)
+        return super().next_story_captions(images, captions, seeds)
 
 
 def test_the_tiny_and_toy_presets_run_on_one_thread_and_vist_keeps_torchs_default():
